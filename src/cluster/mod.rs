@@ -1,0 +1,1 @@
+//! Local cluster launcher. TO BE WRITTEN: see the task description.

@@ -1,0 +1,1 @@
+//! Statement classification. TO BE WRITTEN: see the task description.

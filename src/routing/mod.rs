@@ -1,0 +1,2 @@
+//! Which node a statement may run on.
+pub mod classify;
