@@ -1,2 +1,3 @@
 //! Which node a statement may run on.
 pub mod classify;
+pub mod lexer;
