@@ -1,3 +1,4 @@
 //! Which node a statement may run on.
 pub mod classify;
+pub mod functions;
 pub mod lexer;
