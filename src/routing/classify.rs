@@ -958,6 +958,7 @@ mod tests {
         ("SELECT U&\"\\006Eextval\"('s')", false, true, false),
         ("SELECT * FROM t WHERE a = (SELECT txid_current())", false, true, false),
         ("SELECT pg_current_wal_lsn()", false, true, false),
+        ("SELECT pg_walfile_name('0/1')", false, true, false),
         ("EXPLAIN SELECT nextval('s')", false, false, false),
         ("EXPLAIN ANALYZE SELECT nextval('s')", false, true, false),
         // Multi-statement strings.

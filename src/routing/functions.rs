@@ -42,6 +42,9 @@ pub const BUILTIN_WRITING_FUNCTIONS: &[&str] = &[
     "pg_current_wal_lsn",
     "pg_current_wal_insert_lsn",
     "pg_current_wal_flush_lsn",
+    // Immutable, but they refuse to run during recovery.
+    "pg_walfile_name",
+    "pg_walfile_name_offset",
     "pg_switch_wal",
     "pg_create_restore_point",
     "pg_log_standby_snapshot",
