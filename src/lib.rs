@@ -1,10 +1,20 @@
 //! pgrelay: a PostgreSQL wire-protocol proxy that sends writes to a leader, reads to followers,
-//! and knows how far each follower is behind.
+//! and never serves a session older data than it wrote.
 //!
 //! # Layout
 //! - [`protocol`]: bytes <-> Postgres v3 messages, authentication exchanges, SQLSTATEs; no I/O.
-//! - [`routing`]: statement classification (read, write, transaction control, session state).
+//! - [`config`]: the TOML config, validated into [`config::Config`] at load.
+//! - [`server`]: the listener, cancel requests, shutdown.
+//! - [`session`]: one client connection's state machine: units of messages, routed and relayed.
+//! - [`routing`]: statement classification and the registry of nodes and their health.
+//! - [`backend`]: connections from pgrelay to nodes, and the pool that hands them out.
 //! - [`cluster`]: starts and stops a local leader + followers from the installed Postgres binaries.
+//! - [`demo`]: `pgrelay demo`, a local cluster with pgrelay in front of it.
+pub mod backend;
 pub mod cluster;
+pub mod config;
+pub mod demo;
 pub mod protocol;
 pub mod routing;
+pub mod server;
+mod session;

@@ -1,1 +1,110 @@
-fn main() {}
+//! The `pgrelay` command: parses the command line, sets up logging, and calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use pgrelay::config::{Config, ReplicationMode};
+use pgrelay::demo::{self, DemoOptions};
+use pgrelay::server::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "pgrelay",
+    version,
+    about = "PostgreSQL replication proxy: writes to the leader, reads to followers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local leader and followers from the installed Postgres binaries, and pgrelay in front of them.
+    Demo {
+        /// Replication mode: physical, row or statement.
+        #[arg(long, default_value = "physical")]
+        mode: String,
+        /// Number of followers.
+        #[arg(long, default_value_t = 2)]
+        followers: usize,
+        /// Address pgrelay listens on.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: SocketAddr,
+        /// Directory for the servers' data and the generated pgrelay.toml (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run against servers that already exist.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the effective config, passwords masked.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            print!("{}", config.to_masked_toml());
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let server = Server::bind(config.clone())
+                    .await
+                    .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
+                let stop = CancellationToken::new();
+                tokio::spawn(demo::cancel_on_signal(stop.clone()));
+                server.run(stop).await;
+                Ok(())
+            })
+        }
+        Command::Demo {
+            mode,
+            followers,
+            listen,
+            dir,
+        } => {
+            let mode = ReplicationMode::parse(&mode)?;
+            demo::run(DemoOptions {
+                mode,
+                followers,
+                listen,
+                dir,
+            })?;
+            Ok(())
+        }
+    }
+}

@@ -51,7 +51,8 @@ pub struct Classification {
     /// DML, DDL or a writing function: the session has written (for read-your-writes).
     pub writes: bool,
     /// Names of SQL-level prepared statements run by `EXECUTE name(...)`; the caller knows
-    /// whether they are reads.
+    /// whether they are reads. `read_only` counts an EXECUTE as a read when its arguments call
+    /// no writing function, so the caller must also require every executed statement to be a read.
     pub executes: Vec<String>,
 }
 
@@ -381,6 +382,8 @@ impl Classifier {
         };
         let args = self.calls(s.from(2));
         Stmt {
+            // A read as far as this text goes; the caller also checks the prepared statement.
+            read: !args.writes && !args.pins,
             writes: args.writes,
             pins: args.pins,
             execute: Some(name),
@@ -1228,7 +1231,7 @@ mod tests {
         let c = classifier();
         let got = c.classify("EXECUTE p(1)");
         assert_eq!(got.executes, vec!["p".to_owned()]);
-        assert!(!got.read_only && !got.writes);
+        assert!(got.read_only && !got.writes);
         let got = c.classify("EXECUTE \"P\"; execute Q (nextval('s'))");
         assert_eq!(got.executes, vec!["P".to_owned(), "q".to_owned()]);
         assert!(got.writes);

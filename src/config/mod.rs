@@ -1,0 +1,519 @@
+//! Configuration: one TOML file, validated into [`Config`] at load. Every option is documented
+//! in README.md and `pgrelay.example.toml`.
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use raw::{RawConfig, RawNode, RawProxy, RawReplication, RawRouting, RawUser};
+
+use crate::protocol::auth::scram::ScramSecret;
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    /// All nodes; `nodes[leader]` is the leader.
+    pub nodes: Vec<NodeConfig>,
+    pub leader: usize,
+    leader_node: NodeConfig,
+    pub users: Vec<UserConfig>,
+    pub replication: ReplicationConfig,
+    pub routing: RoutingConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// A client that has not finished logging in by then is disconnected.
+    pub client_login_timeout: Duration,
+    /// How long opening a connection to a node may take.
+    pub connect_timeout: Duration,
+    /// On shutdown, how long sessions get to finish before they are closed.
+    pub shutdown_timeout: Duration,
+    pub max_client_connections: usize,
+    /// A node that refused a connection is not tried again for this long.
+    pub node_retry_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub role: Role,
+    pub host: String,
+    pub port: u16,
+}
+
+impl NodeConfig {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// How pgrelay checks a client's password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+impl AuthMethod {
+    fn name(self) -> &'static str {
+        match self {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Trust => "trust",
+        }
+    }
+}
+
+/// A password: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("********")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: Secret,
+    pub auth: AuthMethod,
+    /// Salted SCRAM keys, computed once at load so a login does not pay PBKDF2.
+    pub scram: ScramSecret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    Physical,
+    Row,
+    Statement,
+}
+
+impl ReplicationMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicationMode::Physical => "physical",
+            ReplicationMode::Row => "row",
+            ReplicationMode::Statement => "statement",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "physical" => Ok(ReplicationMode::Physical),
+            "row" => Ok(ReplicationMode::Row),
+            "statement" => Ok(ReplicationMode::Statement),
+            other => Err(invalid(format!(
+                "replication.mode = {other:?}: expected \"physical\", \"row\" or \"statement\""
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    pub mode: ReplicationMode,
+}
+
+/// Which node may serve a read (see README, "Consistency").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    Eventual,
+    Session,
+    Global,
+    Leader,
+}
+
+impl Consistency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::Eventual => "eventual",
+            Consistency::Session => "session",
+            Consistency::Global => "global",
+            Consistency::Leader => "leader",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub consistency: Consistency,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+const SCRAM_ITERATIONS: u32 = 4096;
+
+fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v).map_err(|e| {
+            invalid(format!(
+                "{key} = {v:?}: {e} (write it like \"500ms\" or \"5s\")"
+            ))
+        }),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Config::try_from(raw)
+    }
+
+    pub fn leader(&self) -> &NodeConfig {
+        &self.leader_node
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The effective config as TOML, every default filled in and passwords masked.
+    pub fn to_masked_toml(&self) -> String {
+        let raw = RawConfig {
+            proxy: RawProxy {
+                listen: Some(self.proxy.listen.to_string()),
+                client_login_timeout: Some(fmt_duration(self.proxy.client_login_timeout)),
+                connect_timeout: Some(fmt_duration(self.proxy.connect_timeout)),
+                shutdown_timeout: Some(fmt_duration(self.proxy.shutdown_timeout)),
+                max_client_connections: Some(self.proxy.max_client_connections),
+                node_retry_interval: Some(fmt_duration(self.proxy.node_retry_interval)),
+            },
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| RawNode {
+                    name: n.name.clone(),
+                    role: match n.role {
+                        Role::Leader => "leader".into(),
+                        Role::Follower => "follower".into(),
+                    },
+                    host: n.host.clone(),
+                    port: Some(n.port),
+                })
+                .collect(),
+            users: self
+                .users
+                .iter()
+                .map(|u| RawUser {
+                    name: u.name.clone(),
+                    password: Some("********".into()),
+                    password_env: None,
+                    auth: Some(u.auth.name().into()),
+                })
+                .collect(),
+            replication: RawReplication {
+                mode: Some(self.replication.mode.name().into()),
+            },
+            routing: RawRouting {
+                consistency: Some(self.routing.consistency.name().into()),
+            },
+        };
+        toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen_str = raw.proxy.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_str.parse().map_err(|e| {
+            invalid(format!(
+                "proxy.listen = {listen_str:?}: {e} (expected an address like \"127.0.0.1:6432\")"
+            ))
+        })?;
+        let proxy = ProxyConfig {
+            listen,
+            client_login_timeout: duration(
+                "proxy.client_login_timeout",
+                raw.proxy.client_login_timeout.as_deref(),
+                Duration::from_secs(15),
+            )?,
+            connect_timeout: duration(
+                "proxy.connect_timeout",
+                raw.proxy.connect_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            shutdown_timeout: duration(
+                "proxy.shutdown_timeout",
+                raw.proxy.shutdown_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            max_client_connections: raw.proxy.max_client_connections.unwrap_or(1000),
+            node_retry_interval: duration(
+                "proxy.node_retry_interval",
+                raw.proxy.node_retry_interval.as_deref(),
+                Duration::from_secs(1),
+            )?,
+        };
+        if proxy.max_client_connections == 0 {
+            return Err(invalid("proxy.max_client_connections must be at least 1"));
+        }
+
+        let mut nodes = Vec::with_capacity(raw.nodes.len());
+        for n in &raw.nodes {
+            let role = match n.role.as_str() {
+                "leader" => Role::Leader,
+                "follower" => Role::Follower,
+                other => {
+                    return Err(invalid(format!(
+                        "node {:?}: role = {other:?}: expected \"leader\" or \"follower\"",
+                        n.name
+                    )))
+                }
+            };
+            if n.name.is_empty() {
+                return Err(invalid("every [[nodes]] entry needs a non-empty name"));
+            }
+            if nodes.iter().any(|m: &NodeConfig| m.name == n.name) {
+                return Err(invalid(format!("node name {:?} is used twice", n.name)));
+            }
+            nodes.push(NodeConfig {
+                name: n.name.clone(),
+                role,
+                host: n.host.clone(),
+                port: n.port.unwrap_or(5432),
+            });
+        }
+        let leaders: Vec<usize> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.role == Role::Leader)
+            .map(|(i, _)| i)
+            .collect();
+        let leader = match leaders.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(invalid(
+                    "exactly one [[nodes]] entry must have role = \"leader\"; found none",
+                ))
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "exactly one [[nodes]] entry must have role = \"leader\"; found {}",
+                    leaders.len()
+                )))
+            }
+        };
+
+        let mut users = Vec::with_capacity(raw.users.len());
+        for u in &raw.users {
+            if users.iter().any(|m: &UserConfig| m.name == u.name) {
+                return Err(invalid(format!("user {:?} is listed twice", u.name)));
+            }
+            let password = match (&u.password, &u.password_env) {
+                (Some(p), None) => p.clone(),
+                (None, Some(var)) => std::env::var(var).map_err(|_| {
+                    invalid(format!(
+                        "user {:?}: password_env = {var:?}, but that environment variable is not set",
+                        u.name
+                    ))
+                })?,
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!(
+                        "user {:?}: set either password or password_env, not both",
+                        u.name
+                    )))
+                }
+                (None, None) => {
+                    return Err(invalid(format!(
+                        "user {:?}: needs password or password_env (pgrelay logs in to the nodes with it)",
+                        u.name
+                    )))
+                }
+            };
+            let auth = match u.auth.as_deref().unwrap_or("scram-sha-256") {
+                "scram-sha-256" => AuthMethod::ScramSha256,
+                "md5" => AuthMethod::Md5,
+                "trust" => AuthMethod::Trust,
+                other => {
+                    return Err(invalid(format!(
+                    "user {:?}: auth = {other:?}: expected \"scram-sha-256\", \"md5\" or \"trust\"",
+                    u.name
+                )))
+                }
+            };
+            users.push(UserConfig {
+                name: u.name.clone(),
+                scram: ScramSecret::from_password(&password, SCRAM_ITERATIONS),
+                password: Secret::new(password),
+                auth,
+            });
+        }
+        if users.is_empty() {
+            return Err(invalid("at least one [[users]] entry is needed"));
+        }
+
+        let replication = ReplicationConfig {
+            mode: ReplicationMode::parse(raw.replication.mode.as_deref().unwrap_or("physical"))?,
+        };
+        let consistency = match raw.routing.consistency.as_deref().unwrap_or("session") {
+            "eventual" => Consistency::Eventual,
+            "session" => Consistency::Session,
+            "global" => Consistency::Global,
+            "leader" => Consistency::Leader,
+            other => {
+                return Err(invalid(format!(
+                    "routing.consistency = {other:?}: expected \"eventual\", \"session\", \"global\" or \"leader\""
+                )))
+            }
+        };
+        let leader_node = nodes
+            .get(leader)
+            .cloned()
+            .ok_or_else(|| invalid("no leader"))?;
+        Ok(Config {
+            proxy,
+            nodes,
+            leader,
+            leader_node,
+            users,
+            replication,
+            routing: RoutingConfig { consistency },
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[nodes]]
+name = "leader"
+role = "leader"
+host = "127.0.0.1"
+port = 5432
+[[nodes]]
+name = "f1"
+role = "follower"
+host = "127.0.0.1"
+port = 5433
+[[users]]
+name = "app"
+password = "secret"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.proxy.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.leader().name, "leader");
+        assert_eq!(c.replication.mode, ReplicationMode::Physical);
+        assert_eq!(c.routing.consistency, Consistency::Session);
+        assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MINIMAL}\n[routing]\nconsistensy = \"leader\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consistensy"), "{err}");
+    }
+
+    #[test]
+    fn exactly_one_leader() {
+        let text = MINIMAL.replace("role = \"follower\"", "role = \"leader\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        for (extra, needle) in [
+            ("[replication]\nmode = \"logical\"\n", "replication.mode"),
+            (
+                "[routing]\nconsistency = \"strong\"\n",
+                "routing.consistency",
+            ),
+            (
+                "[proxy]\nconnect_timeout = \"soon\"\n",
+                "proxy.connect_timeout",
+            ),
+            ("[proxy]\nlisten = \"nowhere\"\n", "proxy.listen"),
+        ] {
+            let err = Config::parse(&format!("{extra}{MINIMAL}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn masked_output_hides_passwords_and_reparses() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let out = c.to_masked_toml();
+        assert!(!out.contains("secret"), "{out}");
+        assert!(out.contains("********"));
+        let again = Config::parse(&out).unwrap();
+        assert_eq!(again.nodes, c.nodes);
+        assert_eq!(format!("{:?}", c.users[0].password), "********");
+    }
+
+    #[test]
+    fn password_env() {
+        let text = MINIMAL.replace(
+            "password = \"secret\"",
+            "password_env = \"PGRELAY_TEST_UNSET_VAR\"",
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("PGRELAY_TEST_UNSET_VAR"), "{err}");
+    }
+}

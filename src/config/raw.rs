@@ -1,0 +1,60 @@
+//! The config file as written: serde structs that reject unknown keys. [`super::Config`] is
+//! built from these by validation, so an invalid config never exists past load.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub nodes: Vec<RawNode>,
+    #[serde(default)]
+    pub users: Vec<RawUser>,
+    #[serde(default)]
+    pub replication: RawReplication,
+    #[serde(default)]
+    pub routing: RawRouting,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    pub listen: Option<String>,
+    pub client_login_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    pub max_client_connections: Option<usize>,
+    pub node_retry_interval: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub name: String,
+    pub role: String,
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub name: String,
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+    pub auth: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplication {
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    pub consistency: Option<String>,
+}

@@ -1,0 +1,223 @@
+//! `pgrelay demo`: a local leader and followers started from the installed Postgres binaries,
+//! pgrelay in front of them, and the config it runs with written next to the servers, so
+//! `pgrelay run --config DIR/pgrelay.toml` reproduces it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::backend::BackendConn;
+use crate::cluster::{ClusterError, ClusterOptions, FollowerKind, LocalCluster};
+use crate::config::{Config, ConfigError, NodeConfig, ReplicationMode, Role};
+use crate::server::Server;
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub mode: ReplicationMode,
+    pub followers: usize,
+    pub listen: SocketAddr,
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("replication mode \"{0}\" is not available yet; use --mode physical")]
+    ModeNotAvailable(&'static str),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot prepare the demo database: {0}")]
+    Setup(String),
+}
+
+/// The role and database the demo creates for applications.
+pub const DEMO_USER: &str = "app";
+pub const DEMO_PASSWORD: &str = "app";
+pub const DEMO_DATABASE: &str = "app";
+/// The cluster's superuser (also used for replication).
+pub const DEMO_SUPERUSER: &str = "pgrelay";
+
+/// Starts the demo and serves until Ctrl-C or SIGTERM; then stops pgrelay and the servers.
+pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
+    if opts.mode != ReplicationMode::Physical {
+        return Err(DemoError::ModeNotAvailable(opts.mode.name()));
+    }
+    let dir = match &opts.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("pgrelay-demo-{}", std::process::id())),
+    };
+    let superuser_password = format!("{:x}", rand::random::<u64>());
+    println!(
+        "starting a leader and {} followers in {} ...",
+        opts.followers,
+        dir.display()
+    );
+    let cluster = LocalCluster::start(ClusterOptions {
+        dir: dir.clone(),
+        followers: opts.followers,
+        superuser: DEMO_SUPERUSER.to_owned(),
+        password: superuser_password.clone(),
+        follower_kind: FollowerKind::Standby,
+        extra_conf: Vec::new(),
+        remove_dir_on_drop: false,
+    })?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(serve(&opts, &cluster, &dir, &superuser_password));
+    drop(runtime);
+    let mut cluster = cluster;
+    cluster.shutdown();
+    println!("stopped; the servers' data stays in {}", dir.display());
+    result
+}
+
+/// The config the demo runs with.
+pub fn demo_config_text(
+    listen: SocketAddr,
+    cluster: &LocalCluster,
+    superuser_password: &str,
+    mode: ReplicationMode,
+) -> String {
+    let mut text = format!(
+        "# Written by `pgrelay demo`; run it again with `pgrelay run --config <this file>`.\n\
+         [proxy]\nlisten = \"{listen}\"\n\n[replication]\nmode = \"{}\"\n\n[routing]\nconsistency = \"session\"\n\n",
+        mode.name()
+    );
+    let mut node = |name: &str, role: &str, host: &str, port: u16| {
+        text.push_str(&format!(
+            "[[nodes]]\nname = \"{name}\"\nrole = \"{role}\"\nhost = \"{host}\"\nport = {port}\n\n"
+        ));
+    };
+    let leader = cluster.leader();
+    node(&leader.name, "leader", &leader.host, leader.port);
+    for f in cluster.followers() {
+        node(&f.name, "follower", &f.host, f.port);
+    }
+    text.push_str(&format!(
+        "[[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\n\n\
+         [[users]]\nname = \"{DEMO_SUPERUSER}\"\npassword = \"{superuser_password}\"\n"
+    ));
+    text
+}
+
+async fn serve(
+    opts: &DemoOptions,
+    cluster: &LocalCluster,
+    dir: &std::path::Path,
+    superuser_password: &str,
+) -> Result<(), DemoError> {
+    let leader = cluster.leader();
+    create_demo_database(
+        &NodeConfig {
+            name: leader.name.clone(),
+            role: Role::Leader,
+            host: leader.host.clone(),
+            port: leader.port,
+        },
+        superuser_password,
+    )
+    .await?;
+    let text = demo_config_text(opts.listen, cluster, superuser_password, opts.mode);
+    let config_path = dir.join("pgrelay.toml");
+    write_private(&config_path, &text)?;
+    let config = Config::parse(&text)?;
+    let server = Server::bind(config).await?;
+    let addr = server.local_addr()?;
+    println!();
+    println!("pgrelay is listening on {addr} ({} mode)", opts.mode.name());
+    println!("  leader     {}:{}", leader.host, leader.port);
+    for f in cluster.followers() {
+        println!("  {:<10} {}:{} (streaming standby)", f.name, f.host, f.port);
+    }
+    println!("  config     {}", config_path.display());
+    println!();
+    println!(
+        "connect:  psql \"postgres://{DEMO_USER}:{DEMO_PASSWORD}@{}:{}/{DEMO_DATABASE}\"",
+        addr.ip(),
+        addr.port()
+    );
+    println!("press Ctrl-C to stop");
+    let stop = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(stop.clone()));
+    server.run(stop).await;
+    Ok(())
+}
+
+/// Creates the demo's application role and database on the leader (idempotent).
+async fn create_demo_database(
+    leader: &NodeConfig,
+    superuser_password: &str,
+) -> Result<(), DemoError> {
+    let params = vec![("database".to_owned(), "postgres".to_owned())];
+    let mut conn = BackendConn::connect(
+        0,
+        leader,
+        &params,
+        DEMO_SUPERUSER,
+        superuser_password,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let exists = conn
+        .simple_query(&format!(
+            "SELECT 1 FROM pg_roles WHERE rolname = '{DEMO_USER}'"
+        ))
+        .await
+        .map_err(DemoError::Setup)?;
+    if exists.is_empty() {
+        conn.simple_query(&format!(
+            "CREATE ROLE {DEMO_USER} LOGIN CREATEDB PASSWORD '{DEMO_PASSWORD}'"
+        ))
+        .await
+        .map_err(DemoError::Setup)?;
+    }
+    let exists = conn
+        .simple_query(&format!(
+            "SELECT 1 FROM pg_database WHERE datname = '{DEMO_DATABASE}'"
+        ))
+        .await
+        .map_err(DemoError::Setup)?;
+    if exists.is_empty() {
+        conn.simple_query(&format!(
+            "CREATE DATABASE {DEMO_DATABASE} OWNER {DEMO_USER}"
+        ))
+        .await
+        .map_err(DemoError::Setup)?;
+    }
+    conn.terminate().await;
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+/// Cancels `stop` on Ctrl-C (SIGINT) or SIGTERM.
+pub async fn cancel_on_signal(stop: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
+        _ = term.recv() => info!("terminated; shutting down"),
+    }
+    stop.cancel();
+}

@@ -1,0 +1,205 @@
+//! The listener: accepts client connections, runs one session task each, answers cancel
+//! requests, and shuts down in order (stop accepting, let sessions finish up to a timeout).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::backend::Pool;
+use crate::config::Config;
+use crate::protocol::frontend as fe;
+use crate::routing::classifiers::ClassifierCache;
+use crate::routing::NodeRegistry;
+use crate::session;
+
+/// Everything sessions share. Passed in, never global.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub nodes: NodeRegistry,
+    pub pool: Pool,
+    pub cancels: CancelRegistry,
+    pub classifiers: ClassifierCache,
+    pub shutdown: CancellationToken,
+    pub client_connections: AtomicUsize,
+}
+
+/// Where a session's running statement is, so a CancelRequest can be passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// Where a session keeps its current cancel target.
+pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+
+/// pgrelay's own BackendKeyData per session, mapped to the node statement it may cancel.
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    /// pid -> (secret, the session's current target).
+    sessions: Mutex<HashMap<i32, (i32, CancelSlot)>>,
+    next_pid: AtomicUsize,
+}
+
+impl CancelRegistry {
+    /// Registers a new session; returns its (pid, secret) and the slot it keeps current.
+    pub fn register(&self) -> (i32, i32, CancelSlot) {
+        let slot = Arc::new(Mutex::new(None));
+        let secret: i32 = rand::random();
+        let mut sessions = match self.sessions.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        loop {
+            // Positive, wrapping pids that are unique among live sessions.
+            let pid = (self.next_pid.fetch_add(1, Ordering::Relaxed) % (i32::MAX as usize - 1))
+                as i32
+                + 1;
+            if let std::collections::hash_map::Entry::Vacant(e) = sessions.entry(pid) {
+                e.insert((secret, slot.clone()));
+                return (pid, secret, slot);
+            }
+        }
+    }
+
+    pub fn unregister(&self, pid: i32) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.remove(&pid);
+        }
+    }
+
+    /// The node statement to cancel, if `pid`/`secret` name a live session.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
+        let sessions = self.sessions.lock().ok()?;
+        let (expected, slot) = sessions.get(&pid)?;
+        if *expected != secret {
+            return None;
+        }
+        let target = slot.lock().ok()?;
+        *target
+    }
+}
+
+/// Sends a CancelRequest to a node on behalf of a client.
+pub async fn forward_cancel(target: CancelTarget) -> io::Result<()> {
+    let mut stream = TcpStream::connect(target.addr).await?;
+    let mut buf = BytesMut::new();
+    fe::cancel_request(&mut buf, target.pid, target.secret);
+    stream.write_all(&buf).await?;
+    stream.shutdown().await
+}
+
+/// A bound listener, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> io::Result<Server> {
+        let listener = TcpListener::bind(config.proxy.listen).await?;
+        let shared = Arc::new(Shared {
+            nodes: NodeRegistry::new(&config),
+            config: Arc::new(config),
+            pool: Pool::new(),
+            cancels: CancelRegistry::default(),
+            classifiers: ClassifierCache::default(),
+            shutdown: CancellationToken::new(),
+            client_connections: AtomicUsize::new(0),
+        });
+        Ok(Server { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Accepts clients until `shutdown` is cancelled, then waits for sessions to finish
+    /// (up to `shutdown_timeout`, after which they are told the server is shutting down).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let shared = self.shared;
+        info!(listen = %shared.config.proxy.listen, "accepting connections");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(err) => {
+                            // Out of file descriptors and the like: keep serving existing sessions.
+                            warn!(error = %err, "accept failed");
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let span = tracing::info_span!("session", %peer);
+                    tracker.spawn(async move {
+                        shared.client_connections.fetch_add(1, Ordering::Relaxed);
+                        session::run(stream, peer, shared.clone()).await;
+                        shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                    }.instrument(span));
+                }
+            }
+        }
+        drop(self.listener);
+        tracker.close();
+        info!(
+            sessions = tracker.len(),
+            "stopped accepting; waiting for sessions to finish"
+        );
+        if tokio::time::timeout(shared.config.proxy.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            shared.shutdown.cancel();
+            tracker.wait().await;
+        }
+        info!("all sessions closed");
+    }
+}
+
+/// A proxy running in the background of the current tokio runtime (demo and tests).
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningProxy {
+    pub async fn start(config: Config) -> io::Result<RunningProxy> {
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr()?;
+        let shared = server.shared();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        Ok(RunningProxy {
+            addr,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops accepting and waits until every session ended.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}

@@ -1,0 +1,463 @@
+//! Client messages: collecting them into units, choosing each unit's node, and sending it
+//! there together with whatever pgrelay must do first on that node (replay session state,
+//! prepare statements the client prepared elsewhere).
+
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+
+use crate::config::Consistency;
+use crate::protocol::backend::{self as be, Report};
+use crate::protocol::codec::Frame;
+use crate::protocol::frontend::{self as fe, tag};
+use crate::protocol::sqlstate;
+
+use super::unit::{Statement, StatementClass, Unit};
+use super::{Flow, Group, Session, SessionEnd};
+
+impl Session {
+    /// Handles one client message.
+    pub(super) async fn on_client_message(&mut self, frame: Frame) -> Result<Flow, SessionEnd> {
+        let t = frame.tag();
+        if self.discard_until_sync && t != tag::SYNC {
+            return Ok(Flow::Continue);
+        }
+        match t {
+            tag::QUERY => {
+                self.refresh_classifier();
+                let body = frame.body();
+                let sql =
+                    fe::parse_query(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
+                let c = self.classifier.classify(sql);
+                let class = StatementClass::of(&c, &self.sql_prepared);
+                self.unit.merge(class);
+                self.unit.changes.extend(c.session_changes);
+                self.unit.frames.push(frame);
+                self.unit.ends_group = true;
+                self.dispatch_unit().await
+            }
+            tag::PARSE => {
+                self.refresh_classifier();
+                let body = frame.body();
+                let parse =
+                    fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
+                let c = self.classifier.classify(parse.query);
+                let class = StatementClass::of(&c, &self.sql_prepared);
+                let name = parse.name.to_owned();
+                self.unit.read_only &= class.read_only;
+                let statement = Arc::new(Statement {
+                    id: self.next_statement_id,
+                    parse: frame.raw().clone(),
+                    class,
+                });
+                self.next_statement_id += 1;
+                // A named statement that exists already makes the node fail the Parse (42P05);
+                // the existing one stays, as in Postgres.
+                if name.is_empty() || !self.statements.contains_key(&name) {
+                    self.statements.insert(name.clone(), statement.clone());
+                    self.unit.parses.retain(|(n, _)| *n != name);
+                    self.unit.parses.push((name, statement));
+                }
+                self.unit.frames.push(frame);
+                Ok(Flow::Continue)
+            }
+            tag::BIND => {
+                let body = frame.body();
+                let bind =
+                    fe::parse_bind(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
+                if let Some(s) = self.statements.get(bind.statement) {
+                    let class = s.class;
+                    self.unit.merge(class);
+                } else {
+                    // Unknown statement: the node reports 26000, wherever it runs.
+                    self.unit.merge(WRITE);
+                }
+                let name = bind.statement.to_owned();
+                self.unit.uses(&name);
+                self.unit.frames.push(frame);
+                Ok(Flow::Continue)
+            }
+            tag::DESCRIBE => {
+                let body = frame.body();
+                let (kind, name) = fe::parse_target(&body, "Describe")
+                    .map_err(|e| self.protocol_violation(e.to_string()))?;
+                if kind == b'S' {
+                    let read_only = self.statements.get(name).is_some_and(|s| s.class.read_only);
+                    self.unit.read_only &= read_only;
+                    let name = name.to_owned();
+                    self.unit.uses(&name);
+                }
+                self.unit.frames.push(frame);
+                Ok(Flow::Continue)
+            }
+            tag::CLOSE => {
+                let body = frame.body();
+                let (kind, name) = fe::parse_target(&body, "Close")
+                    .map_err(|e| self.protocol_violation(e.to_string()))?;
+                if kind == b'S' {
+                    let name = name.to_owned();
+                    self.statements.remove(&name);
+                    self.unit.parses.retain(|(n, _)| *n != name);
+                    self.unit.closes.push(name);
+                }
+                self.unit.frames.push(frame);
+                Ok(Flow::Continue)
+            }
+            tag::EXECUTE => {
+                fe::parse_execute(&frame.body())
+                    .map_err(|e| self.protocol_violation(e.to_string()))?;
+                self.unit.frames.push(frame);
+                Ok(Flow::Continue)
+            }
+            tag::SYNC => {
+                if self.discard_until_sync {
+                    self.discard_until_sync = false;
+                    self.unit = Unit::default();
+                    be::ready_for_query(&mut self.client.wbuf, self.tx_status);
+                    return Ok(Flow::Continue);
+                }
+                if self.copy_sync_pending {
+                    // The node skipped the unit's first Sync while in COPY IN; this one
+                    // finishes the group that is already waiting.
+                    self.copy_sync_pending = false;
+                    if let Some(node) = self.last_node {
+                        if let Some(b) = self.backend_mut(node) {
+                            b.conn.wbuf.extend_from_slice(frame.raw());
+                            return Ok(Flow::Continue);
+                        }
+                    }
+                }
+                self.unit.frames.push(frame);
+                self.unit.ends_group = true;
+                self.unit.ends_with_sync = true;
+                self.dispatch_unit().await
+            }
+            tag::FLUSH => {
+                self.unit.frames.push(frame);
+                self.dispatch_unit().await
+            }
+            tag::FUNCTION_CALL => {
+                self.unit.merge(WRITE);
+                self.unit.frames.push(frame);
+                self.unit.ends_group = true;
+                self.dispatch_unit().await
+            }
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                let node = self.copy_node.or(self.last_node);
+                if t != tag::COPY_DATA {
+                    self.copy_node = None;
+                }
+                if let Some(b) = node.and_then(|n| self.backend_mut(n)) {
+                    b.conn.wbuf.extend_from_slice(frame.raw());
+                }
+                Ok(Flow::Continue)
+            }
+            tag::TERMINATE => Err(SessionEnd::Terminated),
+            other => Err(self.protocol_violation(format!(
+                "invalid frontend message type {}",
+                char::from(other)
+            ))),
+        }
+    }
+
+    fn protocol_violation(&mut self, message: String) -> SessionEnd {
+        Report::fatal(sqlstate::PROTOCOL_VIOLATION, &message).write_error(&mut self.client.wbuf);
+        SessionEnd::Fatal(message)
+    }
+
+    /// Picks up a newer function list after DDL on functions anywhere in pgrelay.
+    fn refresh_classifier(&mut self) {
+        let generation = self.shared.classifiers.generation();
+        if generation != self.classifier_generation {
+            if let Some(c) = self.shared.classifiers.get(&self.database) {
+                self.classifier = c;
+                self.classifier_generation = generation;
+            } else {
+                self.reload_classifier = true;
+            }
+        }
+    }
+
+    pub(super) fn backend_mut(&mut self, node: usize) -> Option<&mut super::Backend> {
+        self.backends.get_mut(node).and_then(|b| b.as_mut())
+    }
+
+    /// Where a unit that is not inside a transaction should run.
+    fn route(&self, unit: &Unit) -> Route {
+        // BEGIN READ ONLY may run on a follower; any other BEGIN opens a transaction that may write.
+        let read_only = !unit.pins_leader && unit.begin.unwrap_or(unit.read_only);
+        if !read_only || self.leader_only || self.shared.nodes.followers().is_empty() {
+            return Route::Leader;
+        }
+        match self.config.routing.consistency {
+            Consistency::Leader => Route::Leader,
+            Consistency::Eventual => Route::Follower,
+            // Until follower positions are tracked, a session that wrote reads from the
+            // leader, so it never sees older data than it wrote.
+            Consistency::Session if self.has_written => Route::Leader,
+            Consistency::Session => Route::Follower,
+            // Without positions pgrelay cannot tell which follower has every acknowledged
+            // write, so global consistency reads from the leader.
+            Consistency::Global => Route::Leader,
+        }
+    }
+
+    /// Sends the collected unit to its node, or asks to wait if another node's replies are
+    /// still in flight (replies must reach the client in order).
+    async fn dispatch_unit(&mut self) -> Result<Flow, SessionEnd> {
+        if self.reload_classifier && self.pinned.is_none() && self.open_unit.is_none() {
+            self.reload_classifier_now().await;
+        }
+        let target = match self.open_unit.or(self.pinned) {
+            Some(node) => Target::Node(node),
+            None => match self.route(&self.unit) {
+                Route::Leader => Target::Node(self.shared.nodes.leader()),
+                Route::Follower => Target::AnyFollower,
+            },
+        };
+        let busy = self
+            .backends
+            .iter()
+            .position(|b| b.as_ref().is_some_and(|b| b.forwarding()));
+        if let (Some(busy), Target::Node(node)) = (busy, target) {
+            if busy != node {
+                return Ok(self.wait_for_last_frame());
+            }
+        }
+        if let (Some(busy), Target::AnyFollower) = (busy, target) {
+            if !self.shared.nodes.followers().contains(&busy) {
+                return Ok(self.wait_for_last_frame());
+            }
+        }
+        let node = match self.connect_target(target, busy).await {
+            Ok(node) => node,
+            Err(message) => {
+                self.fail_unit(&message);
+                return Ok(Flow::Continue);
+            }
+        };
+        self.send_unit(node);
+        Ok(Flow::Continue)
+    }
+
+    /// Puts the unit's last message back into the inbox, to be handled again later.
+    fn wait_for_last_frame(&mut self) -> Flow {
+        match self.unit.frames.pop() {
+            Some(frame) => {
+                if frame.tag() == tag::SYNC
+                    || frame.tag() == tag::QUERY
+                    || frame.tag() == tag::FUNCTION_CALL
+                {
+                    self.unit.ends_group = false;
+                    self.unit.ends_with_sync = false;
+                }
+                if self.unit.frames.is_empty() {
+                    // The message is handled (and classified) again later; a unit of other
+                    // messages keeps its already merged, more conservative flags.
+                    self.unit = Unit::default();
+                }
+                Flow::Wait(frame)
+            }
+            None => Flow::Continue,
+        }
+    }
+
+    /// Opens (or reuses) the connection for the target. Reads fall back from a failing
+    /// follower to the next one and finally to the leader.
+    async fn connect_target(
+        &mut self,
+        target: Target,
+        busy: Option<usize>,
+    ) -> Result<usize, String> {
+        let candidates: Vec<usize> = match target {
+            Target::Node(node) => vec![node],
+            Target::AnyFollower => {
+                // Keep pipelined reads on the follower already answering them.
+                let mut c: Vec<usize> = busy.into_iter().collect();
+                c.extend(self.shared.nodes.followers_round_robin());
+                c.push(self.shared.nodes.leader());
+                c
+            }
+        };
+        let mut failures = Vec::new();
+        for node in candidates {
+            if self.backend_mut(node).is_some() {
+                return Ok(node);
+            }
+            match self
+                .shared
+                .pool
+                .checkout(&self.config, node, &self.key)
+                .await
+            {
+                Ok(conn) => {
+                    self.shared.nodes.mark_up(node);
+                    self.install_backend(conn);
+                    return Ok(node);
+                }
+                Err(err) => {
+                    warn!(error = %err, "cannot open a connection");
+                    if !matches!(err, crate::backend::ConnectError::Refused { .. }) {
+                        self.shared.nodes.mark_down(node);
+                    }
+                    failures.push(err.to_string());
+                }
+            }
+        }
+        Err(failures.join("; "))
+    }
+
+    /// Answers the unit with an error pgrelay produced itself.
+    fn fail_unit(&mut self, message: &str) {
+        let unit = std::mem::take(&mut self.unit);
+        Report::error(sqlstate::CONNECTION_FAILURE, message).write_error(&mut self.client.wbuf);
+        if unit.ends_group {
+            be::ready_for_query(&mut self.client.wbuf, self.tx_status);
+        } else {
+            self.discard_until_sync = true;
+        }
+        for (name, _) in &unit.parses {
+            self.statements.remove(name);
+        }
+    }
+
+    /// Writes the unit, preceded by pgrelay's own preparation, into the node's buffer.
+    fn send_unit(&mut self, node: usize) {
+        let unit = std::mem::take(&mut self.unit);
+        let statements: Vec<(String, Arc<Statement>)> = unit
+            .needs
+            .iter()
+            .filter_map(|n| self.statements.get(n).map(|s| (n.clone(), s.clone())))
+            .collect();
+        let Some(backend) = self.backends.get_mut(node).and_then(|b| b.as_mut()) else {
+            return;
+        };
+        let conn = &mut backend.conn;
+        if !backend.pending_closes.is_empty() {
+            for name in backend.pending_closes.drain(..) {
+                fe::close_statement(&mut conn.wbuf, &name);
+            }
+            fe::sync(&mut conn.wbuf);
+            backend.groups.push_back(Group::default());
+        }
+        if !backend.pending_replay.is_empty() {
+            let sql = backend.pending_replay.join(";\n");
+            backend.pending_replay.clear();
+            fe::query(&mut conn.wbuf, &sql);
+            backend.groups.push_back(Group::default());
+        }
+        // Statements the client prepared on another node (or that were replaced since).
+        let mut injected = Vec::new();
+        for (name, statement) in statements {
+            if backend.prepared.get(&name) == Some(&statement.id) {
+                continue;
+            }
+            if !name.is_empty() && backend.prepared.contains_key(&name) {
+                fe::close_statement(&mut conn.wbuf, &name);
+            }
+            conn.wbuf.extend_from_slice(&statement.parse);
+            backend.prepared.insert(name.clone(), statement.id);
+            injected.push(name);
+        }
+        if !injected.is_empty() {
+            fe::sync(&mut conn.wbuf);
+            debug!(
+                node,
+                statements = injected.len(),
+                "preparing statements on another node"
+            );
+            backend.groups.push_back(Group {
+                injected,
+                ..Group::default()
+            });
+        }
+        for frame in &unit.frames {
+            conn.wbuf.extend_from_slice(frame.raw());
+        }
+        for (name, statement) in &unit.parses {
+            backend.prepared.insert(name.clone(), statement.id);
+        }
+        for name in &unit.closes {
+            backend.prepared.remove(name);
+        }
+        let target = crate::server::CancelTarget {
+            addr: conn.addr,
+            pid: conn.pid,
+            secret: conn.secret,
+        };
+        if unit.ends_group {
+            backend.groups.push_back(Group {
+                forward: true,
+                changes: unit.changes.clone(),
+                extended: unit.ends_with_sync,
+                ..Group::default()
+            });
+        }
+        // Statements the client closed here may still exist on its other connections.
+        for name in &unit.closes {
+            for (i, other) in self.backends.iter_mut().enumerate() {
+                let Some(other) = other.as_mut() else {
+                    continue;
+                };
+                if i != node && other.prepared.remove(name).is_some() {
+                    other.pending_closes.push(name.clone());
+                }
+            }
+        }
+        for (name, read_only) in unit.sql_prepares() {
+            self.sql_prepared.insert(name.to_owned(), read_only);
+        }
+        if let Ok(mut slot) = self.cancel_slot.lock() {
+            *slot = Some(target);
+        }
+        self.open_unit = if unit.ends_group { None } else { Some(node) };
+        if unit.begin.is_some() {
+            self.pinned = Some(node);
+        }
+        if unit.pins_leader && node == self.shared.nodes.leader() {
+            self.leader_only = true;
+        }
+        if unit.writes {
+            self.has_written = true;
+        }
+        self.last_node = Some(node);
+    }
+
+    async fn reload_classifier_now(&mut self) {
+        self.reload_classifier = false;
+        let leader = self.shared.nodes.leader();
+        // Only an idle leader connection can run pgrelay's own query without disturbing the client.
+        let Some(b) = self.backends.get_mut(leader).and_then(|b| b.take()) else {
+            return;
+        };
+        let mut b = b;
+        if b.groups.is_empty() && b.conn.wbuf.is_empty() {
+            self.load_classifier(&mut b.conn).await;
+        } else {
+            self.reload_classifier = true;
+        }
+        if let Some(slot) = self.backends.get_mut(leader) {
+            *slot = Some(b);
+        }
+    }
+}
+
+/// The class of anything pgrelay cannot prove to be a read.
+const WRITE: StatementClass = StatementClass {
+    read_only: false,
+    writes: true,
+    pins_leader: false,
+    begin: None,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Leader,
+    Follower,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Node(usize),
+    AnyFollower,
+}

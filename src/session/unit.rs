@@ -1,0 +1,116 @@
+//! A unit of client messages routed together: everything from the first message after a
+//! ReadyForQuery up to the Sync (or Query, or FunctionCall) that asks for the next one. The
+//! messages of one unit form one implicit transaction on the node, so they must go to one node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::protocol::codec::Frame;
+use crate::routing::classify::{Classification, SessionChange, SessionOp};
+
+/// How a statement may be routed, derived once from its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatementClass {
+    pub read_only: bool,
+    pub writes: bool,
+    pub pins_leader: bool,
+    /// `Some(read_only)` when the statement begins a transaction block.
+    pub begin: Option<bool>,
+}
+
+impl StatementClass {
+    /// The class of a classified string; `sql_prepared` says which SQL-level prepared
+    /// statements (run with EXECUTE) are reads.
+    pub fn of(c: &Classification, sql_prepared: &HashMap<String, bool>) -> Self {
+        let executes_read_only = c
+            .executes
+            .iter()
+            .all(|name| sql_prepared.get(name).copied().unwrap_or(false));
+        StatementClass {
+            read_only: c.read_only && executes_read_only,
+            writes: c.writes || !executes_read_only,
+            pins_leader: c.pins_leader,
+            begin: c.begin.as_ref().map(|b| b.read_only),
+        }
+    }
+}
+
+/// What pgrelay remembers of a statement the client prepared with Parse, so it can prepare it
+/// again on another node before running it there.
+#[derive(Debug)]
+pub struct Statement {
+    /// Distinguishes two statements prepared under the same name at different times.
+    pub id: u64,
+    /// The client's Parse message, as sent.
+    pub parse: Bytes,
+    pub class: StatementClass,
+}
+
+/// Client messages collected for one routing decision.
+#[derive(Debug)]
+pub struct Unit {
+    pub frames: Vec<Frame>,
+    pub read_only: bool,
+    pub writes: bool,
+    pub pins_leader: bool,
+    pub begin: Option<bool>,
+    /// Session-level changes (SET, PREPARE, ...) made by the unit's simple queries.
+    pub changes: Vec<SessionChange>,
+    /// Statements the unit uses that it did not prepare itself: they must exist on its node.
+    pub needs: Vec<String>,
+    /// Statements the unit prepares, with their ids.
+    pub parses: Vec<(String, Arc<Statement>)>,
+    /// Statements the unit closes.
+    pub closes: Vec<String>,
+    /// The unit ends with a message that makes the node send ReadyForQuery.
+    pub ends_group: bool,
+    /// The unit ends with Sync (extended protocol) rather than Query or FunctionCall.
+    pub ends_with_sync: bool,
+}
+
+impl Default for Unit {
+    fn default() -> Self {
+        Unit {
+            frames: Vec::new(),
+            read_only: true,
+            writes: false,
+            pins_leader: false,
+            begin: None,
+            changes: Vec::new(),
+            needs: Vec::new(),
+            parses: Vec::new(),
+            closes: Vec::new(),
+            ends_group: false,
+            ends_with_sync: false,
+        }
+    }
+}
+
+impl Unit {
+    pub fn merge(&mut self, class: StatementClass) {
+        self.read_only &= class.read_only;
+        self.writes |= class.writes;
+        self.pins_leader |= class.pins_leader;
+        if class.begin.is_some() {
+            self.begin = class.begin;
+        }
+    }
+
+    /// A statement the unit refers to by name (Bind, Describe): prepared in this unit, or needed.
+    pub fn uses(&mut self, name: &str) {
+        let prepared_here = self.parses.iter().any(|(n, _)| n == name);
+        if !prepared_here && !self.needs.iter().any(|n| n == name) {
+            self.needs.push(name.to_owned());
+        }
+    }
+
+    /// SQL-level PREPAREs in the unit, to record which names are reads.
+    pub fn sql_prepares(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.changes.iter().filter_map(|c| match &c.op {
+            SessionOp::Prepare { name, read_only } => Some((name.as_str(), *read_only)),
+            _ => None,
+        })
+    }
+}

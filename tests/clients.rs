@@ -1,0 +1,355 @@
+//! Real client programs and drivers work through pgrelay unchanged: psql, pgbench in every
+//! query mode, tokio-postgres with the extended protocol and pipelining, COPY, NOTIFY, errors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::future::try_join_all;
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::AsyncMessage;
+
+use common::*;
+
+#[tokio::test]
+async fn scripted_psql_session() {
+    let db = new_database("psql").await;
+    let proxy = default_proxy().await;
+    let script = r#"
+\set ON_ERROR_STOP 0
+CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);
+INSERT INTO items (name) VALUES ('apple'), ('pear');
+SELECT count(*) AS n FROM items \gset
+\echo count=:n
+COPY items (name) FROM STDIN;
+plum
+fig
+\.
+SELECT string_agg(name, ',' ORDER BY id) FROM items;
+SELECT 1/0;
+SELECT 'still here';
+BEGIN; INSERT INTO items (name) VALUES ('kiwi'); SELECT count(*) FROM items; COMMIT;
+COPY (SELECT name FROM items ORDER BY id) TO STDOUT;
+\copy items (name) from stdin
+grape
+\.
+SELECT count(*) FROM items;
+"#;
+    // The same script, once straight to the leader and once through pgrelay, in two fresh
+    // databases: the outputs must be identical.
+    let direct_db = new_database("psql_direct").await;
+    let leader = cluster().leader.clone();
+    let run = |port: u16, db: &str| {
+        let mut child = pg_command("psql", proxy, db)
+            .env("PGPORT", port.to_string())
+            .args(["-X", "-At", "-v", "VERBOSITY=verbose"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, stderr) = run(proxy.port(), &db);
+    let (direct_stdout, direct_stderr) = run(leader.port, &direct_db);
+    assert_eq!(stdout, direct_stdout, "stderr through pgrelay: {stderr}");
+    assert_eq!(
+        stderr.replace(&db, "DB"),
+        direct_stderr.replace(&direct_db, "DB")
+    );
+    assert!(stdout.contains("apple,pear,plum,fig\n"), "{stdout}");
+    assert!(stdout.ends_with("6\n"), "{stdout}");
+    assert!(
+        stderr.contains("22012"),
+        "the error keeps its SQLSTATE: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn extended_protocol_with_pipelining() {
+    let db = new_database("pipeline").await;
+    let proxy = default_proxy().await;
+    let client = connect_proxy(proxy, &db).await;
+    client
+        .batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let insert = client
+        .prepare("INSERT INTO kv VALUES ($1, $2)")
+        .await
+        .unwrap();
+    // tokio-postgres pipelines requests that are in flight together.
+    let inserts = (0..200).map(|i| {
+        let client = &client;
+        let insert = &insert;
+        async move { client.execute(insert, &[&i, &format!("v{i}")]).await }
+    });
+    let counts = try_join_all(inserts).await.unwrap();
+    assert!(counts.iter().all(|&n| n == 1));
+    let select = client
+        .prepare("SELECT v FROM kv WHERE k = $1")
+        .await
+        .unwrap();
+    let reads = (0..200).map(|i| {
+        let client = &client;
+        let select = &select;
+        async move { client.query_one(select, &[&i]).await }
+    });
+    let rows = try_join_all(reads).await.unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.get::<_, String>(0), format!("v{i}"));
+    }
+    // Unnamed statements, binary results, NULLs.
+    let row = client
+        .query_one(
+            "SELECT $1::int8 * 2, NULL::text, $2::bytea",
+            &[&21i64, &vec![0u8, 1, 2]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 42);
+    assert_eq!(row.get::<_, Option<String>>(1), None);
+    assert_eq!(row.get::<_, Vec<u8>>(2), vec![0u8, 1, 2]);
+    // An error in the middle of a pipeline fails only its own statement.
+    let bad = client.prepare("SELECT 1 / $1").await.unwrap();
+    let (ok, err) = tokio::join!(
+        client.query_one(&select, &[&1]),
+        client.query_one(&bad, &[&0])
+    );
+    assert_eq!(ok.unwrap().get::<_, String>(0), "v1");
+    assert_eq!(sqlstate(&err.unwrap_err()), "22012");
+}
+
+#[tokio::test]
+async fn prepared_statements_survive_reads_on_any_node() {
+    let db = new_database("prepared").await;
+    let proxy = proxy("[routing]\nconsistency = \"eventual\"\n").await;
+    let client = connect_proxy(proxy, &db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .unwrap();
+    // Prepared on one node, executed on all of them, closed, prepared again under a new body.
+    for round in 0..3 {
+        let read = client
+            .prepare(&format!("SELECT {round} + count(*) FROM t"))
+            .await
+            .unwrap();
+        let write = client.prepare("INSERT INTO t VALUES (1)").await.unwrap();
+        for _ in 0..6 {
+            client.query_one(&read, &[]).await.unwrap();
+            client.execute(&write, &[]).await.unwrap();
+        }
+        drop(read);
+        drop(write);
+    }
+}
+
+#[tokio::test]
+async fn copy_in_and_out_with_the_driver() {
+    let db = new_database("copy").await;
+    let proxy = default_proxy().await;
+    let client = connect_proxy(proxy, &db).await;
+    client
+        .batch_execute("CREATE TABLE c (id int, name text)")
+        .await
+        .unwrap();
+    let sink = client
+        .copy_in("COPY c FROM STDIN WITH (FORMAT csv)")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    let mut data = String::new();
+    for i in 0..10_000 {
+        data.push_str(&format!("{i},name {i}\n"));
+    }
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    let n = sink.finish().await.unwrap();
+    assert_eq!(n, 10_000);
+    let stream = client
+        .copy_out("COPY (SELECT * FROM c ORDER BY id) TO STDOUT WITH (FORMAT csv)")
+        .await
+        .unwrap();
+    let chunks: Vec<bytes::Bytes> = stream.map(|r| r.unwrap()).collect().await;
+    let total: usize = chunks.iter().map(|c| c.len()).sum();
+    let expected: usize = (0..10_000).map(|i| format!("{i},name {i}\n").len()).sum();
+    assert_eq!(total, expected);
+    // A failed COPY leaves the session usable.
+    let sink = client.copy_in("COPY c FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n"))
+        .await
+        .unwrap();
+    let err = sink.finish().await.unwrap_err();
+    assert_eq!(sqlstate(&err), "22P02");
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM c", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 10_000);
+}
+
+#[tokio::test]
+async fn listen_notify_reaches_the_listener() {
+    let db = new_database("notify").await;
+    let proxy = default_proxy().await;
+    let (listener, mut conn) =
+        tokio_postgres::connect(&proxy_conn_string(proxy, &db), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+            }
+        }
+    });
+    listener.batch_execute("LISTEN jobs").await.unwrap();
+    let sender = connect_proxy(proxy, &db).await;
+    sender.batch_execute("NOTIFY jobs, 'hello'").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("notification within 10 s")
+        .unwrap();
+    assert_eq!(got, ("jobs".to_owned(), "hello".to_owned()));
+}
+
+#[tokio::test]
+async fn node_errors_reach_the_client_unchanged() {
+    let db = new_database("errors").await;
+    let proxy = default_proxy().await;
+    let client = connect_proxy(proxy, &db).await;
+    let err = client
+        .simple_query("SELECT nosuchcolumn FROM pg_class")
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().unwrap();
+    assert_eq!(db_err.code().code(), "42703");
+    assert!(db_err.position().is_some(), "position is kept");
+    client
+        .batch_execute("CREATE TABLE u (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO u VALUES (1)")
+        .await
+        .unwrap();
+    let err = client
+        .batch_execute("INSERT INTO u VALUES (1)")
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().unwrap();
+    assert_eq!(db_err.code().code(), "23505");
+    assert!(db_err
+        .detail()
+        .unwrap_or_default()
+        .contains("already exists"));
+    // The session goes on, also after an error inside a transaction.
+    client.batch_execute("BEGIN").await.unwrap();
+    client.batch_execute("SELECT 1/0").await.unwrap_err();
+    let err = client.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "25P02");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM u", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn md5_and_trust_users_log_in() {
+    let db = new_database("auth").await;
+    let proxy = default_proxy().await;
+    for (user, password) in [(MD5_USER, "md5-pw"), (TRUST_USER, "whatever")] {
+        let s = format!(
+            "host={} port={} user={user} password={password} dbname={db}",
+            proxy.ip(),
+            proxy.port()
+        );
+        let (client, conn) = tokio_postgres::connect(&s, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let who: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, user);
+    }
+    let s = format!(
+        "host={} port={} user={MD5_USER} password=wrong dbname={db}",
+        proxy.ip(),
+        proxy.port()
+    );
+    let err = tokio_postgres::connect(&s, tokio_postgres::NoTls)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&err), "28P01");
+}
+
+fn pgbench(proxy: std::net::SocketAddr, db: &str, args: &[&str]) -> String {
+    let out = pg_command("pgbench", proxy, db)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn pgbench_in_every_query_mode() {
+    let db = new_database("pgbench").await;
+    let proxy = default_proxy().await;
+    pgbench(proxy, &db, &["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        for script in [&[][..], &["-S"][..], &["-N"][..]] {
+            let mut args = vec!["-M", mode, "-c", "4", "-j", "2", "-t", "200"];
+            args.extend_from_slice(script);
+            let started = Instant::now();
+            let out = pgbench(proxy, &db, &args);
+            assert!(
+                out.contains("number of failed transactions: 0 (0.000%)"),
+                "pgbench {args:?}: {out}"
+            );
+            assert!(
+                out.contains("number of transactions actually processed: 800/800"),
+                "pgbench {args:?}: {out}"
+            );
+            eprintln!("pgbench {args:?} took {:?}", started.elapsed());
+        }
+    }
+    // Every committed transaction is on the leader: pgbench empties pgbench_history before each
+    // run, and the last run (simple-update) adds one row per transaction.
+    let leader = connect_direct(&cluster().leader, &db).await;
+    let n: i64 = leader
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 800);
+}
