@@ -13,95 +13,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
-use pgrelay::protocol::backend::parse_error_fields;
-use pgrelay::protocol::codec::{decode_frame, Frame, MAX_MESSAGE};
 use pgrelay::protocol::frontend;
 
+use common::raw::Raw;
 use common::*;
-
-/// A raw protocol connection, for sending what no driver would.
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
-        Raw {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: BytesMut::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn startup(&mut self, params: &[(&str, &str)]) {
-        let mut out = BytesMut::new();
-        let params: Vec<(String, String)> = params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        frontend::startup_message(&mut out, &params);
-        self.send(&out).await;
-    }
-
-    /// Logs in as the trust user and waits for ReadyForQuery.
-    async fn login(addr: SocketAddr, db: &str) -> Raw {
-        let mut raw = Raw::connect(addr).await;
-        raw.startup(&[("user", TRUST_USER), ("database", db)]).await;
-        raw.until(b'Z').await;
-        raw
-    }
-
-    /// The next message, or None when the server closed the connection.
-    async fn next(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = decode_frame(&mut self.buf, MAX_MESSAGE).unwrap() {
-                return Some(f);
-            }
-            let n =
-                tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
-                    .await
-                    .expect("server answers within 10 s")
-                    .unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-        }
-    }
-
-    async fn until(&mut self, tag: u8) -> Vec<Frame> {
-        let mut seen = Vec::new();
-        loop {
-            let f = self
-                .next()
-                .await
-                .unwrap_or_else(|| panic!("closed before '{}': {seen:?}", char::from(tag)));
-            let done = f.tag() == tag;
-            seen.push(f);
-            if done {
-                return seen;
-            }
-        }
-    }
-
-    /// Expects an ErrorResponse with `code`, then the connection closing.
-    async fn expect_fatal(&mut self, code: &str) {
-        let f = self
-            .next()
-            .await
-            .expect("an ErrorResponse before the connection closes");
-        assert_eq!(f.tag(), b'E', "{f:?}");
-        let fields = parse_error_fields(&f.body()).unwrap();
-        assert_eq!(fields.code, code, "{}", fields.message);
-        assert!(self.next().await.is_none(), "the connection is closed");
-    }
-}
 
 /// A session that keeps working while another one misbehaves.
 async fn bystander(proxy: SocketAddr, db: &str) -> tokio::task::JoinHandle<()> {
@@ -308,4 +225,30 @@ async fn cancel_reaches_the_node_running_the_statement() {
     frontend::cancel_request(&mut out, 1, 12345);
     raw.send(&out).await;
     assert!(raw.next().await.is_none());
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused() {
+    let db = new_database("limit").await;
+    let proxy = common::proxy("max_client_connections = 2\n").await;
+    let first = connect_proxy(proxy, &db).await;
+    let second = connect_proxy(proxy, &db).await;
+    let mut third = Raw::connect(proxy).await;
+    third
+        .startup(&[("user", TRUST_USER), ("database", &db)])
+        .await;
+    third.expect_fatal("53300").await;
+    first.simple_query("SELECT 1").await.unwrap();
+    drop(first);
+    // Once a session ended, a new client gets in.
+    wait_until(Duration::from_secs(10), || {
+        let db = db.clone();
+        async move {
+            tokio_postgres::connect(&proxy_conn_string(proxy, &db), tokio_postgres::NoTls)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    second.simple_query("SELECT 1").await.unwrap();
 }

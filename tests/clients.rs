@@ -353,3 +353,33 @@ async fn pgbench_in_every_query_mode() {
         .get(0);
     assert_eq!(n, 800);
 }
+
+#[tokio::test]
+async fn function_call_messages_are_answered() {
+    let db = new_database("fastpath").await;
+    let proxy = default_proxy().await;
+    let client = connect_proxy(proxy, &db).await;
+    let oid: u32 = client
+        .query_one("SELECT 'abs(int4)'::regprocedure::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut raw = common::raw::Raw::login(proxy, &db).await;
+    // FunctionCall: oid, argument formats (none: text), one argument "-5", result in text.
+    let mut body = bytes::BytesMut::new();
+    use bytes::BufMut;
+    body.put_u32(oid);
+    body.put_i16(0);
+    body.put_i16(1);
+    body.put_i32(2);
+    body.put_slice(b"-5");
+    body.put_i16(0);
+    let frame = pgrelay::protocol::codec::Frame::new(b'F', &body);
+    raw.send(frame.raw()).await;
+    let replies = raw.until(b'Z').await;
+    let result = replies
+        .iter()
+        .find(|f| f.tag() == b'V')
+        .expect("FunctionCallResponse");
+    assert_eq!(&result.body()[..], b"\0\0\0\x015");
+}

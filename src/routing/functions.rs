@@ -18,9 +18,7 @@
 /// Returns the lowercase names of the user-defined volatile functions (and procedures) on the
 /// leader; the caller passes them to [`super::classify::Classifier::new`]. Extensions installed
 /// outside `pg_catalog` (dblink, uuid-ossp, …) are included, which errs on the leader's side.
-pub const WRITING_FUNCTIONS_SQL: &str = "SELECT DISTINCT lower(proname) FROM pg_proc p \
-     JOIN pg_namespace n ON n.oid = p.pronamespace \
-     WHERE p.provolatile = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+pub const WRITING_FUNCTIONS_SQL: &str = include_str!("../../sql/writing_functions.sql");
 
 /// Built-in functions that must run on the leader: they write, take locks or session state that
 /// later statements rely on, act on one node's processes or files, or fail on a standby.

@@ -2,6 +2,8 @@
 //! protocol version negotiation, and password authentication against pgrelay's user list.
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>
 
+use std::sync::atomic::Ordering;
+
 use bytes::BytesMut;
 use tracing::{debug, info};
 
@@ -134,6 +136,13 @@ async fn login(
     node_params.insert(0, ("database".to_owned(), database.clone()));
 
     let config = shared.config.clone();
+    // Counted at accept, so this connection is included.
+    if shared.client_connections.load(Ordering::Relaxed) > config.proxy.max_client_connections {
+        return Err(LoginError::new(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already",
+        ));
+    }
     authenticate(client, &user, config.user(&user)).await?;
     be::authentication(&mut client.wbuf, auth::OK, &[]);
     info!(user = %user, db = %database, "client logged in");

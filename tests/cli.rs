@@ -1,0 +1,193 @@
+//! The `pgrelay` command as a user runs it: check-config, and the demo from start to Ctrl-C.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pgrelay() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_passwords_masked() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("pgrelay.example.toml");
+    let out = pgrelay()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("listen = \"127.0.0.1:6432\""), "{stdout}");
+    assert!(stdout.contains("consistency = \"session\""), "{stdout}");
+    assert!(!stdout.contains("secret"), "passwords are masked: {stdout}");
+}
+
+#[test]
+fn every_config_key_is_documented_in_readme() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(root.join("pgrelay.example.toml")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for line in example.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || !line.contains('=') {
+            continue;
+        }
+        let key = line.split('=').next().unwrap().trim();
+        assert!(
+            readme.contains(&format!("`{key}`")),
+            "README does not document `{key}`"
+        );
+    }
+    // password_env is only mentioned in a comment of the example.
+    assert!(readme.contains("`password_env`"));
+}
+
+#[test]
+fn config_errors_name_the_problem() {
+    let dir = std::env::temp_dir().join(format!("pgrelay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[proxy]\nlisten = \"127.0.0.1:6432\"\nlisten_port = 1\n[[nodes]]\nname = \"l\"\nrole = \"leader\"\nhost = \"127.0.0.1\"\n[[users]]\nname = \"u\"\npassword = \"p\"\n",
+    )
+    .unwrap();
+    let out = pgrelay()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listen_port"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn demo_modes_not_built_yet_say_so() {
+    let out = pgrelay().args(["demo", "--mode", "row"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not available yet"), "{stderr}");
+}
+
+/// Postmaster pids recorded under a demo directory.
+fn postmaster_pids(dir: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let pid_file = entry.path().join("postmaster.pid");
+        if let Ok(text) = std::fs::read_to_string(pid_file) {
+            if let Some(pid) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
+    let dir = pgrelay::cluster::test_dir("demo");
+    let port = pgrelay::cluster::free_port().unwrap();
+    let mut child = pgrelay()
+        .args([
+            "demo",
+            "--followers",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut url = None;
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the demo says it is ready");
+        if let Some(u) = line.split("psql \"").nth(1) {
+            url = Some(u.trim_end_matches('"').to_owned());
+        }
+        if line.contains("press Ctrl-C") {
+            break;
+        }
+    }
+    let url = url.expect("the demo prints a connection string");
+    assert!(
+        url.starts_with(&format!("postgres://app:app@127.0.0.1:{port}/app")),
+        "{url}"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let on_follower: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(on_follower);
+        client
+            .batch_execute("CREATE TABLE demo_t (id int); INSERT INTO demo_t VALUES (1)")
+            .await
+            .unwrap();
+    });
+    // The config it wrote is valid and names the servers it runs.
+    let out = pgrelay()
+        .arg("check-config")
+        .arg("--config")
+        .arg(dir.join("pgrelay.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("127.0.0.1:{port}")));
+
+    let pids = postmaster_pids(&dir);
+    assert_eq!(pids.len(), 2, "a leader and one follower");
+    // SAFETY: sending SIGINT to our own child, as Ctrl-C would.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        assert!(
+            !alive(pid),
+            "postgres {pid} still running after the demo stopped"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
