@@ -121,6 +121,9 @@ async fn serve(
         superuser_password,
     )
     .await?;
+    for f in cluster.followers() {
+        wait_for_database(f, superuser_password).await?;
+    }
     let text = demo_config_text(opts.listen, cluster, superuser_password, opts.mode);
     let config_path = dir.join("pgrelay.toml");
     write_private(&config_path, &text)?;
@@ -191,6 +194,46 @@ async fn create_demo_database(
     }
     conn.terminate().await;
     Ok(())
+}
+
+/// Waits until a standby has replayed the demo database's creation, so the first reads
+/// through pgrelay find it there.
+async fn wait_for_database(
+    node: &crate::cluster::NodeInfo,
+    superuser_password: &str,
+) -> Result<(), DemoError> {
+    let cfg = NodeConfig {
+        name: node.name.clone(),
+        role: Role::Follower,
+        host: node.host.clone(),
+        port: node.port,
+    };
+    let params = vec![("database".to_owned(), DEMO_DATABASE.to_owned())];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let attempt = BackendConn::connect(
+            0,
+            &cfg,
+            &params,
+            DEMO_SUPERUSER,
+            superuser_password,
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+        match attempt {
+            Ok(conn) => {
+                conn.terminate().await;
+                return Ok(());
+            }
+            Err(err) if std::time::Instant::now() > deadline => {
+                return Err(DemoError::Setup(format!(
+                    "{} does not have database {DEMO_DATABASE}: {err}",
+                    node.name
+                )))
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {

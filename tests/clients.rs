@@ -1,6 +1,11 @@
 //! Real client programs and drivers work through pgrelay unchanged: psql, pgbench in every
 //! query mode, tokio-postgres with the extended protocol and pipelining, COPY, NOTIFY, errors.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -382,4 +387,59 @@ async fn function_call_messages_are_answered() {
         .find(|f| f.tag() == b'V')
         .expect("FunctionCallResponse");
     assert_eq!(&result.body()[..], b"\0\0\0\x015");
+}
+
+/// Tags of the replies up to and including the first one with tag `until`.
+async fn reply_tags(raw: &mut common::raw::Raw, until: u8) -> String {
+    raw.until(until)
+        .await
+        .iter()
+        .map(|f| char::from(f.tag()))
+        .collect()
+}
+
+#[tokio::test]
+async fn flush_before_sync_gets_replies_and_prepares_where_needed() {
+    use bytes::BufMut;
+    use pgrelay::protocol::codec::Frame;
+    let db = new_database("flush").await;
+    let proxy = common::proxy("[routing]\nconsistency = \"eventual\"\n").await;
+    let mut raw = common::raw::Raw::login(proxy, &db).await;
+    let msg = |tag: u8, fill: &dyn Fn(&mut bytes::BytesMut)| {
+        let mut body = bytes::BytesMut::new();
+        fill(&mut body);
+        Frame::new(tag, &body).into_raw()
+    };
+    let parse = msg(b'P', &|b| {
+        b.put_slice(b"s1\0SELECT inet_server_port()\0");
+        b.put_i16(0);
+    });
+    let bind = msg(b'B', &|b| {
+        b.put_slice(b"\0s1\0");
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    });
+    let execute = msg(b'E', &|b| {
+        b.put_slice(b"\0");
+        b.put_i32(0);
+    });
+    let flush = msg(b'H', &|_| {});
+    let sync = msg(b'S', &|_| {});
+    raw.send(&[parse, sync.clone()].concat()).await;
+    assert_eq!(reply_tags(&mut raw, b'Z').await, "1Z");
+    // Each unit may land on another follower, where s1 must be prepared first; the client sees
+    // exactly the replies to what it sent, the first part before it sends the Sync.
+    let mut ports = std::collections::HashSet::new();
+    for _ in 0..6 {
+        raw.send(&[bind.clone(), execute.clone(), flush.clone()].concat())
+            .await;
+        let replies = raw.until(b'C').await;
+        let tags: String = replies.iter().map(|f| char::from(f.tag())).collect();
+        assert_eq!(tags, "2DC");
+        ports.insert(replies[1].body().to_vec());
+        raw.send(&sync).await;
+        assert_eq!(reply_tags(&mut raw, b'Z').await, "Z");
+    }
+    assert_eq!(ports.len(), 2, "both followers ran the statement");
 }

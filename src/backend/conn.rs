@@ -52,6 +52,17 @@ pub enum ConnectError {
     Auth { node: String, message: String },
 }
 
+impl ConnectError {
+    /// The node answered that the database does not exist (SQLSTATE 3D000).
+    pub fn is_missing_database(&self) -> bool {
+        match self {
+            ConnectError::Refused { error, .. } => be::parse_error_fields(&error.body())
+                .is_ok_and(|f| f.code == crate::protocol::sqlstate::INVALID_CATALOG_NAME.code()),
+            _ => false,
+        }
+    }
+}
+
 /// An open, authenticated connection to a node.
 pub struct BackendConn {
     /// Index of the node in the config's node list.

@@ -297,7 +297,9 @@ impl Session {
                 }
                 Err(err) => {
                     warn!(error = %err, "cannot open a connection");
-                    if !matches!(err, crate::backend::ConnectError::Refused { .. }) {
+                    // A database missing on one node says nothing about the node; any other
+                    // failure (unreachable, starting up, too many connections) does.
+                    if !err.is_missing_database() {
                         self.shared.nodes.mark_down(node);
                     }
                     failures.push(err.to_string());
@@ -332,44 +334,38 @@ impl Session {
         let Some(backend) = self.backends.get_mut(node).and_then(|b| b.as_mut()) else {
             return;
         };
+        let continuing = self.open_unit == Some(node);
         let conn = &mut backend.conn;
-        if !backend.pending_closes.is_empty() {
-            for name in backend.pending_closes.drain(..) {
-                fe::close_statement(&mut conn.wbuf, &name);
-            }
-            fe::sync(&mut conn.wbuf);
-            backend.groups.push_back(Group::default());
-        }
-        if !backend.pending_replay.is_empty() {
+        // Session changes made elsewhere, as a group of their own: only between units, since
+        // their ReadyForQuery would end an unfinished unit's implicit transaction.
+        if !continuing && !backend.pending_replay.is_empty() {
             let sql = backend.pending_replay.join(";\n");
             backend.pending_replay.clear();
             fe::query(&mut conn.wbuf, &sql);
             backend.groups.push_back(Group::default());
         }
-        // Statements the client prepared on another node (or that were replaced since).
-        let mut injected = Vec::new();
+        // Statements the client closed on another node, and statements it prepared on another
+        // node (or replaced since): closed and prepared here, inside the client's unit; their
+        // CloseComplete and ParseComplete replies are swallowed. Closing a statement that does
+        // not exist is not an error, so a name in doubt is simply closed first.
+        let (mut closes, mut parses, mut injected) = (0, 0, Vec::new());
+        for name in backend.pending_closes.drain(..) {
+            fe::close_statement(&mut conn.wbuf, &name);
+            closes += 1;
+        }
         for (name, statement) in statements {
             if backend.prepared.get(&name) == Some(&statement.id) {
                 continue;
             }
-            if !name.is_empty() && backend.prepared.contains_key(&name) {
+            if !name.is_empty() {
                 fe::close_statement(&mut conn.wbuf, &name);
+                closes += 1;
             }
             conn.wbuf.extend_from_slice(&statement.parse);
+            parses += 1;
+            debug!(node, statement = %name, "preparing a statement on another node");
             backend.prepared.insert(name.clone(), statement.id);
             injected.push(name);
-        }
-        if !injected.is_empty() {
-            fe::sync(&mut conn.wbuf);
-            debug!(
-                node,
-                statements = injected.len(),
-                "preparing statements on another node"
-            );
-            backend.groups.push_back(Group {
-                injected,
-                ..Group::default()
-            });
         }
         for frame in &unit.frames {
             conn.wbuf.extend_from_slice(frame.raw());
@@ -385,14 +381,26 @@ impl Session {
             pid: conn.pid,
             secret: conn.secret,
         };
-        if unit.ends_group {
-            backend.groups.push_back(Group {
-                forward: true,
-                changes: unit.changes.clone(),
-                extended: unit.ends_with_sync,
-                ..Group::default()
-            });
-        }
+        // The unit's replies are relayed from its first part on (after a Flush the client
+        // reads them before it sends the rest).
+        let group = match backend.groups.back_mut() {
+            Some(group) if continuing => group,
+            _ => {
+                backend.groups.push_back(Group {
+                    forward: true,
+                    ..Group::default()
+                });
+                match backend.groups.back_mut() {
+                    Some(group) => group,
+                    None => return,
+                }
+            }
+        };
+        group.extended |= unit.ends_with_sync;
+        group.changes.extend(unit.changes.iter().cloned());
+        group.swallow_close_completes += closes;
+        group.swallow_parse_completes += parses;
+        group.injected.extend(injected);
         // Statements the client closed here may still exist on its other connections.
         for name in &unit.closes {
             for (i, other) in self.backends.iter_mut().enumerate() {

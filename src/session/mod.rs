@@ -100,10 +100,13 @@ struct Group {
     rolled_back: bool,
     /// Session changes to record if the group succeeds.
     changes: Vec<SessionChange>,
-    /// Statements pgrelay prepared on the node in this group: forgotten if it fails.
-    injected: Vec<String>,
     /// The group ends with a Sync that the node will skip if the group enters COPY IN mode.
     extended: bool,
+    /// Replies to pgrelay's own Close and Parse messages in this group, still to come.
+    swallow_close_completes: usize,
+    swallow_parse_completes: usize,
+    /// Statements pgrelay prepared in this group: in doubt if the group fails.
+    injected: Vec<String>,
 }
 
 /// A node connection as the session uses it.
@@ -421,12 +424,14 @@ impl Session {
                     .map_err(|e| SessionEnd::Fatal(format!("node sent {e}")))?;
                 let group = backend.groups.pop_front().unwrap_or_default();
                 let more_forwarding = backend.forwarding();
-                if !group.forward {
-                    if group.error {
-                        for name in &group.injected {
-                            backend.prepared.remove(name);
-                        }
+                // What pgrelay prepared in a failed group may not exist, so it is prepared
+                // again (after a Close) when next needed.
+                if group.error {
+                    for name in &group.injected {
+                        backend.prepared.remove(name);
                     }
+                }
+                if !group.forward {
                     return Ok(());
                 }
                 self.client.wbuf.extend_from_slice(frame.raw());
@@ -441,7 +446,15 @@ impl Session {
                 self.record_changes(node, group, status);
                 return Ok(());
             }
-            tag::ERROR_RESPONSE => group.error = true,
+            tag::ERROR_RESPONSE => {
+                group.error = true;
+                if !group.forward {
+                    // pgrelay's own statement failed (a replayed SET, a statement prepared
+                    // again): the client's next statement on this node will show the effect.
+                    let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                    warn!(node = %backend.conn.node_name, code = %fields.code, message = %fields.message, "statement pgrelay ran on a node failed");
+                }
+            }
             tag::COMMAND_COMPLETE => {
                 let body = frame.body();
                 match body.first() {
@@ -452,6 +465,16 @@ impl Session {
                     }
                     _ => {}
                 }
+            }
+            // ParseComplete and CloseComplete carry nothing, so which of them are swallowed
+            // does not matter, only how many.
+            tag::PARSE_COMPLETE if group.swallow_parse_completes > 0 => {
+                group.swallow_parse_completes -= 1;
+                return Ok(());
+            }
+            tag::CLOSE_COMPLETE if group.swallow_close_completes > 0 => {
+                group.swallow_close_completes -= 1;
+                return Ok(());
             }
             tag::COPY_IN_RESPONSE if group.forward => {
                 self.copy_node = Some(node);
