@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::pool::ConnKey;
 use crate::backend::BackendConn;
@@ -58,24 +58,28 @@ pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
             return;
         }
     };
-    let span = tracing::info_span!("client", user = %login.user, db = %login.database);
-    let _entered = span.enter();
     let (pid, secret, cancel_slot) = shared.cancels.register();
-    let mut session = Session::new(shared.clone(), client, &login, cancel_slot);
-    match session.start(pid, secret).await {
-        Ok(()) => {
-            if let Err(err) = session.serve().await {
-                match err {
-                    SessionEnd::Client(ClientError::Closed) | SessionEnd::Terminated => {}
-                    SessionEnd::Client(e) => debug!(error = %e, "client connection ended"),
-                    SessionEnd::Fatal(msg) => info!(error = %msg, "session ended"),
+    // The session span (opened at accept with the peer) gets the rest of its fields now.
+    let span = tracing::info_span!("client", session_id = pid, user = %login.user, db = %login.database);
+    async move {
+        let mut session = Session::new(shared.clone(), client, &login, cancel_slot);
+        match session.start(pid, secret).await {
+            Ok(()) => {
+                if let Err(err) = session.serve().await {
+                    match err {
+                        SessionEnd::Client(ClientError::Closed) | SessionEnd::Terminated => {}
+                        SessionEnd::Client(e) => debug!(error = %e, "client connection ended"),
+                        SessionEnd::Fatal(msg) => info!(error = %msg, "session ended"),
+                    }
                 }
             }
+            Err(err) => debug!(error = %err, "session could not start"),
         }
-        Err(err) => debug!(error = %err, "session could not start"),
+        shared.cancels.unregister(pid);
+        session.close().await;
     }
-    shared.cancels.unregister(pid);
-    session.close().await;
+    .instrument(span)
+    .await;
 }
 
 /// Why a session ended.
