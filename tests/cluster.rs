@@ -7,6 +7,7 @@
     clippy::indexing_slicing
 )]
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -229,4 +230,131 @@ fn existing_dir_with_running_cluster_is_refused_then_reused_after_stop() {
     assert_eq!(second.psql(second.leader(), "SELECT 1").unwrap(), "1");
     drop(second);
     assert!(!dir.exists());
+}
+
+/// Set in a child copy of this test binary that plays the cluster's owner.
+const HOLDER_ENV: &str = "PGRELAY_TEST_CLUSTER_HOLDER";
+
+/// Runs one (ignored) holder test of this binary in a child process and returns it with its stdout.
+fn spawn_holder(test_name: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            test_name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOLDER_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+type HolderOutput = std::io::BufReader<std::process::ChildStdout>;
+
+/// Reads the holder's "dir <path> pids <p1> <p2>..." line; the rest of its output stays in the reader.
+fn read_holder_report(
+    child: &mut std::process::Child,
+) -> (std::path::PathBuf, Vec<i32>, HolderOutput) {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        // The harness may have printed "test holder_x ... " on the same line first.
+        if let Some((_, rest)) = line.trim_end().split_once("holder: dir ") {
+            let (dir, pids) = rest.split_once(" pids ").unwrap();
+            let pids = pids.split(' ').map(|p| p.parse().unwrap()).collect();
+            return (dir.into(), pids, reader);
+        }
+        line.clear();
+    }
+    panic!("holder exited without reporting its cluster");
+}
+
+fn report_cluster(cluster: &LocalCluster) {
+    let pids: Vec<String> = std::iter::once(cluster.leader())
+        .chain(cluster.followers())
+        .map(|n| postmaster_pid(&n.data_dir).to_string())
+        .collect();
+    // Straight to fd 1: the test harness captures `println!` even with --nocapture in some versions.
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "holder: dir {} pids {}",
+        cluster.dir().display(),
+        pids.join(" ")
+    )
+    .unwrap();
+    out.flush().unwrap();
+}
+
+#[test]
+#[ignore = "helper: run by servers_die_when_owner_is_killed in a child process"]
+fn holder_killed() {
+    if std::env::var_os(HOLDER_ENV).is_none() {
+        return;
+    }
+    let mut opts = options("killed", FollowerKind::Standby);
+    opts.followers = 1;
+    let cluster = LocalCluster::start(opts).unwrap();
+    report_cluster(&cluster);
+    // Wait to be killed; the test thread that started the cluster must stay alive meanwhile only
+    // because we want the kill to be the thing that ends the process.
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn servers_die_when_owner_is_killed() {
+    let mut holder = spawn_holder("holder_killed");
+    let (dir, pids, _output) = read_holder_report(&mut holder);
+    assert_eq!(pids.len(), 2);
+    holder.kill().unwrap(); // SIGKILL: no destructor, no atexit
+    holder.wait().unwrap();
+    wait_for(
+        "postmasters to die with their owner",
+        Duration::from_secs(30),
+        || pids.iter().all(|p| !alive(*p)),
+    );
+    wait_for("backends to exit", Duration::from_secs(30), || {
+        !postgres_running_for(&dir)
+    });
+    // The owner could not clean up; a later test_dir() call would, but do it now.
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+static SHARED: std::sync::Mutex<Option<LocalCluster>> = std::sync::Mutex::new(None);
+
+#[test]
+#[ignore = "helper: run by static_cluster_is_stopped_at_exit in a child process"]
+fn holder_static() {
+    if std::env::var_os(HOLDER_ENV).is_none() {
+        return;
+    }
+    let mut opts = options("static", FollowerKind::Standby);
+    opts.followers = 1;
+    let cluster = LocalCluster::start(opts).unwrap();
+    report_cluster(&cluster);
+    *SHARED.lock().unwrap() = Some(cluster);
+    pgrelay::cluster::stop_at_exit(&SHARED);
+    // Returning ends the test; the harness exits with the cluster still in the static.
+}
+
+#[test]
+fn static_cluster_is_stopped_at_exit() {
+    let mut holder = spawn_holder("holder_static");
+    let (dir, pids, mut output) = read_holder_report(&mut holder);
+    // Drain the holder's remaining output so it never blocks or fails writing it.
+    std::io::copy(&mut output, &mut std::io::sink()).unwrap();
+    let status = holder.wait().unwrap();
+    assert!(status.success());
+    // atexit ran before the process ended, so everything is already gone.
+    for pid in pids {
+        assert!(!alive(pid), "postmaster {pid} survived exit");
+    }
+    assert!(!postgres_running_for(&dir));
+    assert!(!dir.exists(), "cluster dir left behind");
 }

@@ -19,7 +19,7 @@ static NEXT_TEST_DIR: AtomicUsize = AtomicUsize::new(0);
 /// A fresh path `<tmp>/pgrelay-tests/<prefix>-<pid>-<n>` (not yet created) for one test cluster.
 ///
 /// Siblings left by processes that no longer exist (killed runs never get to clean up) are removed first,
-/// after stopping any server still running in them.
+/// unless a server still runs in them.
 pub fn test_dir(prefix: &str) -> PathBuf {
     let root = std::env::temp_dir().join(TEST_ROOT);
     if std::fs::create_dir_all(&root).is_ok() {
@@ -45,7 +45,11 @@ fn remove_stale_test_dirs(root: &Path) {
             continue;
         }
         let dir = entry.path();
-        stop_leftover_servers(&dir);
+        // Our own servers die with their owner (parent-death signal); a server still running here was
+        // handed to some other live process, so the directory is not ours to delete.
+        if has_live_server(&dir) {
+            continue;
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => tracing::info!(dir = %dir.display(), "removed stale test cluster dir"),
             Err(err) => {
@@ -65,20 +69,15 @@ pub(crate) fn owner_pid(name: &str) -> Option<libc::pid_t> {
     pid.parse::<libc::pid_t>().ok().filter(|p| *p > 0)
 }
 
-/// Immediate shutdown of any postmaster still running in a node directory below `cluster_dir`.
-fn stop_leftover_servers(cluster_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(cluster_dir) else {
-        return;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        if let Some(pid) = live_postmaster(&entry.path()) {
-            tracing::warn!(pid, dir = %entry.path().display(), "stopping leftover postgres");
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid, libc::SIGQUIT);
-            }
-        }
-    }
+/// Whether any node directory below `cluster_dir` has a running postmaster.
+fn has_live_server(cluster_dir: &Path) -> bool {
+    std::fs::read_dir(cluster_dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|entry| live_postmaster(&entry.path()).is_some())
+        })
+        .unwrap_or(false)
 }
 
 /// The pid of a postgres that is still running from `data_dir`, judged by its `postmaster.pid`.
