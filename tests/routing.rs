@@ -286,6 +286,19 @@ async fn temp_tables_and_listen_pin_the_session_to_the_leader() {
 
     let client = connect_proxy(proxy, &db).await;
     client
+        .batch_execute("DECLARE c CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g")
+        .await
+        .unwrap();
+    let rows = client.simple_query("FETCH ALL FROM c").await.unwrap();
+    let fetched = rows
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(fetched, 3, "the cursor is where FETCH runs");
+    assert!(!in_recovery(&client, "SELECT pg_is_in_recovery()").await);
+
+    let client = connect_proxy(proxy, &db).await;
+    client
         .query_one("SELECT pg_advisory_lock(42)", &[])
         .await
         .unwrap();

@@ -60,7 +60,8 @@ pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
     };
     let (pid, secret, cancel_slot) = shared.cancels.register();
     // The session span (opened at accept with the peer) gets the rest of its fields now.
-    let span = tracing::info_span!("client", session_id = pid, user = %login.user, db = %login.database);
+    let span =
+        tracing::info_span!("client", session_id = pid, user = %login.user, db = %login.database);
     async move {
         let mut session = Session::new(shared.clone(), client, &login, cancel_slot);
         match session.start(pid, secret).await {
