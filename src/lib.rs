@@ -8,13 +8,17 @@
 //! - [`session`]: one client connection's state machine: units of messages, routed and relayed.
 //! - [`routing`]: statement classification and the registry of nodes and their health.
 //! - [`backend`]: connections from pgrelay to nodes, and the pool that hands them out.
+//! - [`replication`]: follower positions and lag, per replication mode.
+//! - [`metrics`]: Prometheus metric names, handles and the `/metrics` endpoint.
 //! - [`cluster`]: starts and stops a local leader + followers from the installed Postgres binaries.
 //! - [`demo`]: `pgrelay demo`, a local cluster with pgrelay in front of it.
 pub mod backend;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod protocol;
+pub mod replication;
 pub mod routing;
 pub mod server;
 mod session;

@@ -16,7 +16,9 @@ use tracing::{info, warn, Instrument};
 
 use crate::backend::Pool;
 use crate::config::Config;
+use crate::metrics::{self, Metrics};
 use crate::protocol::frontend as fe;
+use crate::replication::{physical, positions::Positions};
 use crate::routing::classifiers::ClassifierCache;
 use crate::routing::NodeRegistry;
 use crate::session;
@@ -30,6 +32,8 @@ pub struct Shared {
     pub classifiers: ClassifierCache,
     pub shutdown: CancellationToken,
     pub client_connections: AtomicUsize,
+    pub positions: Arc<Positions>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Where a session's running statement is, so a CancelRequest can be passed on.
@@ -102,14 +106,27 @@ pub async fn forward_cancel(target: CancelTarget) -> io::Result<()> {
 /// A bound listener, ready to run.
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
 impl Server {
     pub async fn bind(config: Config) -> io::Result<Server> {
         let listener = TcpListener::bind(config.proxy.listen).await?;
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen for metrics on {addr}: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let nodes = NodeRegistry::new(&config);
         let shared = Arc::new(Shared {
-            nodes: NodeRegistry::new(&config),
+            positions: Arc::new(Positions::new(config.nodes.len(), nodes.followers())),
+            metrics: Arc::new(Metrics::new(&config)),
+            nodes,
             config: Arc::new(config),
             pool: Pool::new(),
             cancels: CancelRegistry::default(),
@@ -117,11 +134,22 @@ impl Server {
             shutdown: CancellationToken::new(),
             client_connections: AtomicUsize::new(0),
         });
-        Ok(Server { listener, shared })
+        Ok(Server {
+            listener,
+            metrics_listener,
+            shared,
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -133,6 +161,24 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let shared = self.shared;
+        // Position watchers and the metrics endpoint outlive the sessions, which use them.
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        physical::spawn(
+            shared.config.clone(),
+            shared.positions.clone(),
+            shared.metrics.clone(),
+            &background,
+            stop_background.clone(),
+        );
+        if let Some(listener) = self.metrics_listener {
+            info!(listen = ?listener.local_addr().ok(), "serving metrics");
+            background.spawn(metrics::serve(
+                listener,
+                shared.metrics.clone(),
+                stop_background.clone(),
+            ));
+        }
         info!(listen = %shared.config.proxy.listen, "accepting connections");
         loop {
             tokio::select! {
@@ -149,10 +195,12 @@ impl Server {
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let span = tracing::info_span!("session", %peer);
+                    shared.client_connections.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.client_connections.increment(1.0);
                     tracker.spawn(async move {
-                        shared.client_connections.fetch_add(1, Ordering::Relaxed);
                         session::run(stream, peer, shared.clone()).await;
                         shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                        shared.metrics.client_connections.decrement(1.0);
                     }.instrument(span));
                 }
             }
@@ -171,12 +219,16 @@ impl Server {
             tracker.wait().await;
         }
         info!("all sessions closed");
+        stop_background.cancel();
+        background.close();
+        background.wait().await;
     }
 }
 
 /// A proxy running in the background of the current tokio runtime (demo and tests).
 pub struct RunningProxy {
     pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -186,11 +238,13 @@ impl RunningProxy {
     pub async fn start(config: Config) -> io::Result<RunningProxy> {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
+        let metrics_addr = server.metrics_addr();
         let shared = server.shared();
         let stop = CancellationToken::new();
         let task = tokio::spawn(server.run(stop.clone()));
         Ok(RunningProxy {
             addr,
+            metrics_addr,
             shared,
             stop,
             task,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-pub use raw::{RawConfig, RawNode, RawProxy, RawReplication, RawRouting, RawUser};
+pub use raw::{RawConfig, RawMetrics, RawNode, RawProxy, RawReplication, RawRouting, RawUser};
 
 use crate::protocol::auth::scram::ScramSecret;
 
@@ -41,6 +41,37 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     pub replication: ReplicationConfig,
     pub routing: RoutingConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// None: no endpoint (`listen = ""`).
+    pub listen: Option<SocketAddr>,
+}
+
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9930";
+
+/// When a COMMIT's reply may go to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// As soon as the leader committed.
+    Async,
+    /// Once this many followers applied the commit.
+    Quorum(usize),
+    /// Once every follower that is up applied the commit.
+    All,
+}
+
+impl Ack {
+    fn text(self) -> String {
+        match self {
+            Ack::Async => "async".to_owned(),
+            Ack::Quorum(k) => format!("quorum:{k}"),
+            Ack::All => "all".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +185,15 @@ impl ReplicationMode {
 #[derive(Debug, Clone)]
 pub struct ReplicationConfig {
     pub mode: ReplicationMode,
+    pub ack: Ack,
+    /// How long a commit's reply waits for followers before it goes out with a warning.
+    pub ack_timeout: Duration,
+    /// How often follower positions (and the leader's) are polled.
+    pub poll_interval: Duration,
+    /// The configured user pgrelay's own connections (position polling) log in as.
+    pub user: String,
+    /// The database those connections use.
+    pub database: String,
 }
 
 /// Which node may serve a read (see README, "Consistency").
@@ -179,6 +219,10 @@ impl Consistency {
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
     pub consistency: Consistency,
+    /// Followers further behind get no eventual reads.
+    pub max_lag: Duration,
+    /// How long a read waits for a follower to catch up before it goes to the leader.
+    pub ryw_wait: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -254,9 +298,24 @@ impl Config {
                 .collect(),
             replication: RawReplication {
                 mode: Some(self.replication.mode.name().into()),
+                ack: Some(self.replication.ack.text()),
+                ack_timeout: Some(fmt_duration(self.replication.ack_timeout)),
+                poll_interval: Some(fmt_duration(self.replication.poll_interval)),
+                user: Some(self.replication.user.clone()),
+                database: Some(self.replication.database.clone()),
             },
             routing: RawRouting {
                 consistency: Some(self.routing.consistency.name().into()),
+                max_lag: Some(fmt_duration(self.routing.max_lag)),
+                ryw_wait: Some(fmt_duration(self.routing.ryw_wait)),
+            },
+            metrics: RawMetrics {
+                listen: Some(
+                    self.metrics
+                        .listen
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                ),
             },
         };
         toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
@@ -399,8 +458,63 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("at least one [[users]] entry is needed"));
         }
 
+        let followers = nodes.iter().filter(|n| n.role == Role::Follower).count();
+        let ack = match raw.replication.ack.as_deref().unwrap_or("async") {
+            "async" => Ack::Async,
+            "all" => Ack::All,
+            other => match other.strip_prefix("quorum:").map(str::parse::<usize>) {
+                Some(Ok(k)) if k >= 1 && k <= followers => Ack::Quorum(k),
+                Some(Ok(k)) => {
+                    return Err(invalid(format!(
+                        "replication.ack = {other:?}: K must be between 1 and the number of followers ({followers}), got {k}"
+                    )))
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "replication.ack = {other:?}: expected \"async\", \"quorum:K\" or \"all\""
+                    )))
+                }
+            },
+        };
+        let replication_user = match &raw.replication.user {
+            Some(u) if users.iter().any(|c| &c.name == u) => u.clone(),
+            Some(u) => {
+                return Err(invalid(format!(
+                    "replication.user = {u:?} is not one of the [[users]]"
+                )))
+            }
+            None => users.first().map(|u| u.name.clone()).unwrap_or_default(),
+        };
         let replication = ReplicationConfig {
             mode: ReplicationMode::parse(raw.replication.mode.as_deref().unwrap_or("physical"))?,
+            ack,
+            ack_timeout: duration(
+                "replication.ack_timeout",
+                raw.replication.ack_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            poll_interval: duration(
+                "replication.poll_interval",
+                raw.replication.poll_interval.as_deref(),
+                Duration::from_millis(10),
+            )?,
+            user: replication_user,
+            database: raw
+                .replication
+                .database
+                .clone()
+                .unwrap_or_else(|| "postgres".to_owned()),
+        };
+        if replication.poll_interval.is_zero() {
+            return Err(invalid("replication.poll_interval must be more than 0"));
+        }
+        let metrics_listen = match raw.metrics.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN) {
+            "" => None,
+            text => Some(text.parse().map_err(|e| {
+                invalid(format!(
+                    "metrics.listen = {text:?}: {e} (expected an address like \"127.0.0.1:9930\", or \"\" for none)"
+                ))
+            })?),
         };
         let consistency = match raw.routing.consistency.as_deref().unwrap_or("session") {
             "eventual" => Consistency::Eventual,
@@ -424,7 +538,22 @@ impl TryFrom<RawConfig> for Config {
             leader_node,
             users,
             replication,
-            routing: RoutingConfig { consistency },
+            routing: RoutingConfig {
+                consistency,
+                max_lag: duration(
+                    "routing.max_lag",
+                    raw.routing.max_lag.as_deref(),
+                    Duration::from_secs(1),
+                )?,
+                ryw_wait: duration(
+                    "routing.ryw_wait",
+                    raw.routing.ryw_wait.as_deref(),
+                    Duration::from_millis(50),
+                )?,
+            },
+            metrics: MetricsConfig {
+                listen: metrics_listen,
+            },
         })
     }
 }
@@ -458,6 +587,19 @@ password = "secret"
         assert_eq!(c.replication.mode, ReplicationMode::Physical);
         assert_eq!(c.routing.consistency, Consistency::Session);
         assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+        assert_eq!(c.replication.ack, Ack::Async);
+        assert_eq!(c.replication.user, "app");
+        assert_eq!(c.routing.ryw_wait, Duration::from_millis(50));
+        assert_eq!(
+            c.metrics.listen.map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_METRICS_LISTEN)
+        );
+        let quorum = Config::parse(&format!(
+            "[replication]\nack = \"quorum:1\"\n[metrics]\nlisten = \"\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(quorum.replication.ack, Ack::Quorum(1));
+        assert!(quorum.metrics.listen.is_none());
     }
 
     #[test]
@@ -488,6 +630,13 @@ password = "secret"
                 "proxy.connect_timeout",
             ),
             ("[proxy]\nlisten = \"nowhere\"\n", "proxy.listen"),
+            (
+                "[replication]\nack = \"quorum:2\"\n",
+                "between 1 and the number of followers",
+            ),
+            ("[replication]\nack = \"most\"\n", "replication.ack"),
+            ("[replication]\nuser = \"ghost\"\n", "replication.user"),
+            ("[metrics]\nlisten = \"x\"\n", "metrics.listen"),
         ] {
             let err = Config::parse(&format!("{extra}{MINIMAL}"))
                 .unwrap_err()

@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub replication: RawReplication,
     #[serde(default)]
     pub routing: RawRouting,
+    #[serde(default)]
+    pub metrics: RawMetrics,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -51,10 +53,23 @@ pub struct RawUser {
 #[serde(deny_unknown_fields)]
 pub struct RawReplication {
     pub mode: Option<String>,
+    pub ack: Option<String>,
+    pub ack_timeout: Option<String>,
+    pub poll_interval: Option<String>,
+    pub user: Option<String>,
+    pub database: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouting {
     pub consistency: Option<String>,
+    pub max_lag: Option<String>,
+    pub ryw_wait: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
 }

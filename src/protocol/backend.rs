@@ -18,6 +18,8 @@ pub mod tag {
     pub const NOTICE_RESPONSE: u8 = b'N';
     pub const NOTIFICATION_RESPONSE: u8 = b'A';
     pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const DATA_ROW: u8 = b'D';
+    pub const ROW_DESCRIPTION: u8 = b'T';
     pub const PARSE_COMPLETE: u8 = b'1';
     pub const BIND_COMPLETE: u8 = b'2';
     pub const CLOSE_COMPLETE: u8 = b'3';
@@ -226,6 +228,45 @@ pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
 
 pub fn ready_for_query(out: &mut BytesMut, status: TxStatus) {
     write_message(out, tag::READY_FOR_QUERY, |b| b.put_u8(status.byte()));
+}
+
+pub fn command_complete(out: &mut BytesMut, command_tag: &str) {
+    write_message(out, tag::COMMAND_COMPLETE, |b| {
+        put_cstr(b, command_tag.as_bytes())
+    });
+}
+
+/// RowDescription for text columns.
+pub fn row_description(out: &mut BytesMut, columns: &[&str]) {
+    const TEXT_OID: i32 = 25;
+    write_message(out, tag::ROW_DESCRIPTION, |b| {
+        b.put_i16(i16::try_from(columns.len()).unwrap_or(i16::MAX));
+        for c in columns {
+            put_cstr(b, c.as_bytes());
+            b.put_i32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_i32(TEXT_OID);
+            b.put_i16(-1); // type size
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values (None: NULL).
+pub fn data_row(out: &mut BytesMut, values: &[Option<&str>]) {
+    write_message(out, tag::DATA_ROW, |b| {
+        b.put_i16(i16::try_from(values.len()).unwrap_or(i16::MAX));
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
 }
 
 /// NegotiateProtocolVersion: the newest minor version we support and the options we did not recognise.

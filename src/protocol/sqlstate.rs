@@ -26,3 +26,6 @@ pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
 pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
+pub const WARNING: SqlState = SqlState("01000");
+pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
+pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");

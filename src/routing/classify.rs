@@ -54,6 +54,9 @@ pub struct Classification {
     /// whether they are reads. `read_only` counts an EXECUTE as a read when its arguments call
     /// no writing function, so the caller must also require every executed statement to be a read.
     pub executes: Vec<String>,
+    /// A statement ends the open transaction block (COMMIT, END, ROLLBACK, ABORT, PREPARE
+    /// TRANSACTION; not ROLLBACK TO SAVEPOINT).
+    pub ends_transaction: bool,
 }
 
 /// A `BEGIN` / `START TRANSACTION`.
@@ -159,6 +162,7 @@ impl Classifier {
             out.read_only &= st.read;
             out.writes |= st.writes;
             out.pins_leader |= st.pins;
+            out.ends_transaction |= st.ends_transaction;
             if out.begin.is_none() {
                 out.begin = st.begin;
             }
@@ -198,7 +202,16 @@ impl Classifier {
             "start" if s.is(1, "transaction") => begin(s),
             // Transaction control, including COMMIT/ROLLBACK PREPARED and ROLLBACK TO: it neither
             // reads nor writes by itself.
-            "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" => Stmt::default(),
+            "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" => Stmt {
+                // The statements that end the open transaction block (not ROLLBACK TO a savepoint).
+                ends_transaction: matches!(first, "commit" | "end" | "abort")
+                    || (first == "rollback" && !s.is(1, "to")),
+                ..Stmt::default()
+            },
+            "prepare" if s.is(1, "transaction") => Stmt {
+                ends_transaction: true,
+                ..Stmt::default()
+            },
             "prepare" => self.prepare(s, depth),
             "execute" => self.execute(s),
             "deallocate" => deallocate(s),
@@ -504,6 +517,7 @@ struct Stmt {
     begin: Option<Begin>,
     session: Option<SessionOp>,
     execute: Option<String>,
+    ends_transaction: bool,
 }
 
 impl Stmt {
@@ -1068,6 +1082,30 @@ mod tests {
         let c = Classifier::default();
         assert!(c.classify("SELECT my_writer(1)").read_only);
         assert!(!c.classify("SELECT nextval('s')").read_only);
+    }
+
+    #[test]
+    fn statements_that_end_a_transaction() {
+        let c = classifier();
+        for sql in [
+            "COMMIT",
+            "end",
+            "ROLLBACK",
+            "abort work",
+            "PREPARE TRANSACTION 'x'",
+            "INSERT INTO t VALUES (1); COMMIT",
+        ] {
+            assert!(c.classify(sql).ends_transaction, "{sql}");
+        }
+        for sql in [
+            "ROLLBACK TO SAVEPOINT a",
+            "rollback to a",
+            "SAVEPOINT a",
+            "BEGIN",
+            "SELECT 1",
+        ] {
+            assert!(!c.classify(sql).ends_transaction, "{sql}");
+        }
     }
 
     #[test]

@@ -4,14 +4,17 @@
 
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::config::Consistency;
 use crate::protocol::backend::{self as be, Report};
 use crate::protocol::codec::Frame;
 use crate::protocol::frontend::{self as fe, tag};
 use crate::protocol::sqlstate;
 
+use crate::config::Ack;
+use crate::replication::physical::LEADER_POSITION_SQL;
+
+use super::overrides;
 use super::unit::{Statement, StatementClass, Unit};
 use super::{Flow, Group, Session, SessionEnd};
 
@@ -28,8 +31,13 @@ impl Session {
                 let body = frame.body();
                 let sql =
                     fe::parse_query(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
+                if self.unit.frames.is_empty() {
+                    if let Some(command) = overrides::parse_command(sql) {
+                        return self.answer_command(frame, command);
+                    }
+                }
                 let c = self.classifier.classify(sql);
-                let class = StatementClass::of(&c, &self.sql_prepared);
+                let class = StatementClass::of(&c, &self.sql_prepared, sql);
                 self.unit.merge(class);
                 self.unit.changes.extend(c.session_changes);
                 self.unit.frames.push(frame);
@@ -42,7 +50,7 @@ impl Session {
                 let parse =
                     fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
                 let c = self.classifier.classify(parse.query);
-                let class = StatementClass::of(&c, &self.sql_prepared);
+                let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
                 let name = parse.name.to_owned();
                 self.unit.read_only &= class.read_only;
                 let statement = Arc::new(Statement {
@@ -182,66 +190,8 @@ impl Session {
         self.backends.get_mut(node).and_then(|b| b.as_mut())
     }
 
-    /// Where a unit that is not inside a transaction should run.
-    fn route(&self, unit: &Unit) -> Route {
-        // BEGIN READ ONLY may run on a follower; any other BEGIN opens a transaction that may write.
-        let read_only = !unit.pins_leader && unit.begin.unwrap_or(unit.read_only);
-        if !read_only || self.leader_only || self.shared.nodes.followers().is_empty() {
-            return Route::Leader;
-        }
-        match self.config.routing.consistency {
-            Consistency::Leader => Route::Leader,
-            Consistency::Eventual => Route::Follower,
-            // Until follower positions are tracked, a session that wrote reads from the
-            // leader, so it never sees older data than it wrote.
-            Consistency::Session if self.has_written => Route::Leader,
-            Consistency::Session => Route::Follower,
-            // Without positions pgrelay cannot tell which follower has every acknowledged
-            // write, so global consistency reads from the leader.
-            Consistency::Global => Route::Leader,
-        }
-    }
-
-    /// Sends the collected unit to its node, or asks to wait if another node's replies are
-    /// still in flight (replies must reach the client in order).
-    async fn dispatch_unit(&mut self) -> Result<Flow, SessionEnd> {
-        if self.reload_classifier && self.pinned.is_none() && self.open_unit.is_none() {
-            self.reload_classifier_now().await;
-        }
-        let target = match self.open_unit.or(self.pinned) {
-            Some(node) => Target::Node(node),
-            None => match self.route(&self.unit) {
-                Route::Leader => Target::Node(self.shared.nodes.leader()),
-                Route::Follower => Target::AnyFollower,
-            },
-        };
-        let busy = self
-            .backends
-            .iter()
-            .position(|b| b.as_ref().is_some_and(|b| b.forwarding()));
-        if let (Some(busy), Target::Node(node)) = (busy, target) {
-            if busy != node {
-                return Ok(self.wait_for_last_frame());
-            }
-        }
-        if let (Some(busy), Target::AnyFollower) = (busy, target) {
-            if !self.shared.nodes.followers().contains(&busy) {
-                return Ok(self.wait_for_last_frame());
-            }
-        }
-        let node = match self.connect_target(target, busy).await {
-            Ok(node) => node,
-            Err(message) => {
-                self.fail_unit(&message);
-                return Ok(Flow::Continue);
-            }
-        };
-        self.send_unit(node);
-        Ok(Flow::Continue)
-    }
-
     /// Puts the unit's last message back into the inbox, to be handled again later.
-    fn wait_for_last_frame(&mut self) -> Flow {
+    pub(super) fn wait_for_last_frame(&mut self) -> Flow {
         match self.unit.frames.pop() {
             Some(frame) => {
                 if frame.tag() == tag::SYNC
@@ -262,55 +212,8 @@ impl Session {
         }
     }
 
-    /// Opens (or reuses) the connection for the target. Reads fall back from a failing
-    /// follower to the next one and finally to the leader.
-    async fn connect_target(
-        &mut self,
-        target: Target,
-        busy: Option<usize>,
-    ) -> Result<usize, String> {
-        let candidates: Vec<usize> = match target {
-            Target::Node(node) => vec![node],
-            Target::AnyFollower => {
-                // Keep pipelined reads on the follower already answering them.
-                let mut c: Vec<usize> = busy.into_iter().collect();
-                c.extend(self.shared.nodes.followers_round_robin());
-                c.push(self.shared.nodes.leader());
-                c
-            }
-        };
-        let mut failures = Vec::new();
-        for node in candidates {
-            if self.backend_mut(node).is_some() {
-                return Ok(node);
-            }
-            match self
-                .shared
-                .pool
-                .checkout(&self.config, node, &self.key)
-                .await
-            {
-                Ok(conn) => {
-                    self.shared.nodes.mark_up(node);
-                    self.install_backend(conn);
-                    return Ok(node);
-                }
-                Err(err) => {
-                    warn!(error = %err, "cannot open a connection");
-                    // A database missing on one node says nothing about the node; any other
-                    // failure (unreachable, starting up, too many connections) does.
-                    if !err.is_missing_database() {
-                        self.shared.nodes.mark_down(node);
-                    }
-                    failures.push(err.to_string());
-                }
-            }
-        }
-        Err(failures.join("; "))
-    }
-
     /// Answers the unit with an error pgrelay produced itself.
-    fn fail_unit(&mut self, message: &str) {
+    pub(super) fn fail_unit(&mut self, message: &str) {
         let unit = std::mem::take(&mut self.unit);
         Report::error(sqlstate::CONNECTION_FAILURE, message).write_error(&mut self.client.wbuf);
         if unit.ends_group {
@@ -324,8 +227,19 @@ impl Session {
     }
 
     /// Writes the unit, preceded by pgrelay's own preparation, into the node's buffer.
-    fn send_unit(&mut self, node: usize) {
+    pub(super) fn send_unit(&mut self, node: usize) {
         let unit = std::mem::take(&mut self.unit);
+        let leader = self.shared.nodes.leader();
+        let in_tx = self.pinned.is_some() || unit.begin.is_some();
+        // The leader position a committed write reached is read right behind the commit, on
+        // the same connection, so the client pays no extra round trip.
+        let capture = node == leader
+            && unit.ends_group
+            && ((unit.writes && !in_tx) || (unit.ends_tx && (self.tx_wrote || unit.writes)));
+        let hold = capture && self.config.replication.ack != Ack::Async;
+        // A read outside a transaction may run again elsewhere if its follower dies first.
+        let retry = (node != leader && !in_tx && unit.ends_group && self.open_unit.is_none())
+            .then(|| Box::new(unit.clone()));
         let statements: Vec<(String, Arc<Statement>)> = unit
             .needs
             .iter()
@@ -401,6 +315,27 @@ impl Session {
         group.swallow_close_completes += closes;
         group.swallow_parse_completes += parses;
         group.injected.extend(injected);
+        group.retry = retry;
+        if capture {
+            if unit.copies {
+                // The node may be in COPY IN mode until the client sent its data: the position
+                // is read once the COPY is over.
+                group.capture_when_ready = true;
+            } else {
+                fe::query(&mut conn.wbuf, LEADER_POSITION_SQL);
+                backend.groups.push_back(Group {
+                    capture: true,
+                    ..Group::default()
+                });
+            }
+            self.captures_in_flight += 1;
+            if hold {
+                self.holding = true;
+            }
+        }
+        if in_tx {
+            self.tx_wrote |= unit.writes;
+        }
         // Statements the client closed here may still exist on its other connections.
         for name in &unit.closes {
             for (i, other) in self.backends.iter_mut().enumerate() {
@@ -425,13 +360,10 @@ impl Session {
         if unit.pins_leader && node == self.shared.nodes.leader() {
             self.leader_only = true;
         }
-        if unit.writes {
-            self.has_written = true;
-        }
         self.last_node = Some(node);
     }
 
-    async fn reload_classifier_now(&mut self) {
+    pub(super) async fn reload_classifier_now(&mut self) {
         self.reload_classifier = false;
         let leader = self.shared.nodes.leader();
         // Only an idle leader connection can run pgrelay's own query without disturbing the client.
@@ -456,16 +388,7 @@ const WRITE: StatementClass = StatementClass {
     writes: true,
     pins_leader: false,
     begin: None,
+    ends_tx: false,
+    hint: None,
+    copies: false,
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    Leader,
-    Follower,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Node(usize),
-    AnyFollower,
-}

@@ -7,6 +7,9 @@
 
 mod client;
 mod dispatch;
+mod overrides;
+mod relay;
+mod route;
 mod startup;
 mod state;
 mod unit;
@@ -19,10 +22,11 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::pool::ConnKey;
 use crate::backend::BackendConn;
-use crate::config::Config;
-use crate::protocol::backend::{self as be, tag, Report, TxStatus};
+use crate::config::{Ack, Config};
+use crate::protocol::backend::{self as be, Report, TxStatus};
 use crate::protocol::codec::Frame;
 use crate::protocol::sqlstate;
+use crate::replication::positions::{Position, Positions};
 use crate::routing::classify::{Classifier, SessionChange, WRITING_FUNCTIONS_SQL};
 use crate::server::{CancelTarget, Shared};
 
@@ -100,6 +104,15 @@ enum SessionEnd {
 struct Group {
     /// Relay the replies to the client (false: pgrelay's own traffic, replies swallowed).
     forward: bool,
+    /// pgrelay's query for the leader position a commit reached; its value.
+    capture: bool,
+    /// Send that query when this group's ReadyForQuery arrives (after a COPY).
+    capture_when_ready: bool,
+    position: Option<crate::replication::positions::Position>,
+    /// Some reply of this group reached the client already.
+    forwarded: bool,
+    /// A read that may run again on another node if this one dies before answering.
+    retry: Option<Box<Unit>>,
     error: bool,
     committed: bool,
     rolled_back: bool,
@@ -157,7 +170,23 @@ pub(crate) struct Session {
     tx_status: TxStatus,
     /// Temp tables, LISTEN, session advisory locks: the session stays on the leader.
     leader_only: bool,
-    has_written: bool,
+    /// The consistency level of this session (`SET pgrelay.consistency`).
+    consistency: crate::config::Consistency,
+    /// The leader position the session's last committed write reached.
+    last_write: Option<crate::replication::positions::Position>,
+    /// A causal token from another session (`SET pgrelay.min_position`).
+    min_position: Option<crate::replication::positions::Position>,
+    /// The open transaction wrote.
+    tx_wrote: bool,
+    /// Position queries in flight on the leader.
+    captures_in_flight: usize,
+    /// Replies to the client are held until a commit is acknowledged by followers.
+    holding: bool,
+    held: bytes::BytesMut,
+    /// The held commit waits for followers to apply this position.
+    ack_wait: Option<AckWait>,
+    /// Reads to run again after their follower died before answering.
+    retries: VecDeque<Unit>,
     /// Client messages collected for the next routing decision.
     unit: Unit,
     /// After a Flush, the node the unfinished unit went to: the rest goes there too.
@@ -175,6 +204,13 @@ pub(crate) struct Session {
     cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
 }
 
+/// A commit whose reply waits until enough followers applied its position.
+#[derive(Debug, Clone, Copy)]
+struct AckWait {
+    position: crate::replication::positions::Position,
+    started: std::time::Instant,
+}
+
 /// What handling a client message asks of the main loop.
 enum Flow {
     Continue,
@@ -190,6 +226,7 @@ impl Session {
         cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
     ) -> Self {
         let config = shared.config.clone();
+        let consistency = config.routing.consistency;
         Session {
             backends: config.nodes.iter().map(|_| None).collect(),
             config,
@@ -211,7 +248,15 @@ impl Session {
             pinned: None,
             tx_status: TxStatus::Idle,
             leader_only: false,
-            has_written: false,
+            consistency,
+            last_write: None,
+            min_position: None,
+            tx_wrote: false,
+            captures_in_flight: 0,
+            holding: false,
+            held: bytes::BytesMut::new(),
+            ack_wait: None,
+            retries: VecDeque::new(),
             unit: Unit::default(),
             open_unit: None,
             discard_until_sync: false,
@@ -321,7 +366,19 @@ impl Session {
     /// The main loop: handle client messages, relay node replies, until the session ends.
     async fn serve(&mut self) -> Result<(), SessionEnd> {
         loop {
-            while let Some(frame) = self.inbox.pop_front() {
+            // Reads whose follower died before answering run again first: they came before
+            // anything still in the inbox.
+            while let Some(unit) = self.retries.pop_front() {
+                let saved = std::mem::replace(&mut self.unit, unit);
+                if self.must_wait(self.decide()) {
+                    let unit = std::mem::replace(&mut self.unit, saved);
+                    self.retries.push_front(unit);
+                    break;
+                }
+                self.dispatch_unit().await?;
+                self.unit = saved;
+            }
+            while let Some(frame) = self.inbox.pop_front().filter(|_| self.retries.is_empty()) {
                 match self.on_client_message(frame).await? {
                     Flow::Continue => {}
                     Flow::Wait(frame) => {
@@ -332,8 +389,10 @@ impl Session {
             }
             self.flush_backends().await?;
             self.client.flush().await.map_err(ClientError::Io)?;
-            let waiting = !self.inbox.is_empty();
+            let waiting = !self.inbox.is_empty() || !self.retries.is_empty();
+            let ack = self.ack_future();
             tokio::select! {
+                confirmed = ack => self.finish_ack(confirmed),
                 (node, result) = next_backend_frame(&mut self.backends) => {
                     match result {
                         Ok(frame) => {
@@ -364,6 +423,24 @@ impl Session {
                     return Err(SessionEnd::Fatal(message.to_owned()));
                 }
             }
+        }
+    }
+
+    /// Resolves when the held commit is acknowledged (true) or its time is up (false); never
+    /// when nothing is held. Cancel-safe: it only watches positions.
+    fn ack_future(&self) -> impl std::future::Future<Output = bool> + 'static {
+        let positions = self.shared.positions.clone();
+        let wait = self.ack_wait;
+        let policy = self.config.replication.ack;
+        let timeout = self.config.replication.ack_timeout;
+        async move {
+            let Some(wait) = wait else {
+                return std::future::pending().await;
+            };
+            let remaining = timeout.saturating_sub(wait.started.elapsed());
+            positions
+                .wait_until(remaining, |p| ack_satisfied(p, policy, wait.position))
+                .await
         }
     }
 
@@ -400,160 +477,6 @@ impl Session {
         Ok(())
     }
 
-    /// Handles one reply from a node: relays it or swallows it, and keeps track of transaction
-    /// state, COPY mode and statements.
-    async fn on_backend_message(&mut self, node: usize, frame: Frame) -> Result<(), SessionEnd> {
-        let Some(backend) = self.backends.get_mut(node).and_then(|b| b.as_mut()) else {
-            return Ok(());
-        };
-        let Some(group) = backend.groups.front_mut() else {
-            // Idle connection: only asynchronous messages arrive here.
-            match frame.tag() {
-                tag::NOTIFICATION_RESPONSE | tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS => {
-                    self.client.wbuf.extend_from_slice(frame.raw());
-                }
-                tag::ERROR_RESPONSE => {
-                    // A FATAL error on an idle connection (the node is shutting down): it will close.
-                    let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
-                    debug!(node, message = %fields.message, "idle node connection reported an error");
-                }
-                other => {
-                    debug!(node, tag = %char::from(other), "unexpected message on an idle node connection")
-                }
-            }
-            return Ok(());
-        };
-        match frame.tag() {
-            tag::READY_FOR_QUERY => {
-                let status = be::parse_ready_for_query(&frame.body())
-                    .map_err(|e| SessionEnd::Fatal(format!("node sent {e}")))?;
-                let group = backend.groups.pop_front().unwrap_or_default();
-                let more_forwarding = backend.forwarding();
-                // What pgrelay prepared in a failed group may not exist, so it is prepared
-                // again (after a Close) when next needed.
-                if group.error {
-                    for name in &group.injected {
-                        backend.prepared.remove(name);
-                    }
-                }
-                if !group.forward {
-                    return Ok(());
-                }
-                self.client.wbuf.extend_from_slice(frame.raw());
-                self.tx_status = status;
-                match status {
-                    TxStatus::InTransaction | TxStatus::Failed => self.pinned = Some(node),
-                    TxStatus::Idle if !more_forwarding && self.open_unit.is_none() => {
-                        self.pinned = None
-                    }
-                    TxStatus::Idle => {}
-                }
-                self.record_changes(node, group, status);
-                return Ok(());
-            }
-            tag::ERROR_RESPONSE => {
-                group.error = true;
-                if !group.forward {
-                    // pgrelay's own statement failed (a replayed SET, a statement prepared
-                    // again): the client's next statement on this node will show the effect.
-                    let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
-                    warn!(node = %backend.conn.node_name, code = %fields.code, message = %fields.message, "statement pgrelay ran on a node failed");
-                }
-            }
-            tag::COMMAND_COMPLETE => {
-                let body = frame.body();
-                match body.first() {
-                    Some(b'C') if body.starts_with(b"COMMIT\0") => group.committed = true,
-                    Some(b'R') if body.starts_with(b"ROLLBACK\0") => group.rolled_back = true,
-                    Some(b'C' | b'A' | b'D') if is_function_ddl(&body) => {
-                        self.shared.classifiers.invalidate(&self.database);
-                    }
-                    _ => {}
-                }
-            }
-            // ParseComplete and CloseComplete carry nothing, so which of them are swallowed
-            // does not matter, only how many.
-            tag::PARSE_COMPLETE if group.swallow_parse_completes > 0 => {
-                group.swallow_parse_completes -= 1;
-                return Ok(());
-            }
-            tag::CLOSE_COMPLETE if group.swallow_close_completes > 0 => {
-                group.swallow_close_completes -= 1;
-                return Ok(());
-            }
-            tag::COPY_IN_RESPONSE if group.forward => {
-                self.copy_node = Some(node);
-                if group.extended {
-                    self.copy_sync_pending = true;
-                }
-            }
-            _ => {}
-        }
-        if group.forward {
-            self.client.wbuf.extend_from_slice(frame.raw());
-        }
-        Ok(())
-    }
-
-    /// Records a finished group's session changes once they are known to have taken effect:
-    /// outside a transaction at once, inside one at its COMMIT.
-    fn record_changes(&mut self, node: usize, group: Group, status: TxStatus) {
-        match status {
-            TxStatus::InTransaction => {
-                if !group.error {
-                    self.tx_changes.extend(group.changes);
-                }
-            }
-            TxStatus::Failed => {}
-            TxStatus::Idle => {
-                let mut changes = std::mem::take(&mut self.tx_changes);
-                if group.rolled_back || group.error {
-                    changes.clear();
-                } else {
-                    changes.extend(group.changes);
-                }
-                for change in changes {
-                    self.state.apply(&change);
-                    let drops_prepared = state::drops_prepared_statements(&change);
-                    for (i, b) in self.backends.iter_mut().enumerate() {
-                        let Some(b) = b.as_mut() else { continue };
-                        if drops_prepared {
-                            b.prepared.clear();
-                        }
-                        if i != node {
-                            b.pending_replay.push(change.text.clone());
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// A node connection failed: the client gets an error for every reply it was waiting for
-    /// from it; if its transaction was there, the session ends as Postgres would end it.
-    fn backend_lost(&mut self, node: usize, reason: &str) -> Result<(), SessionEnd> {
-        let Some(backend) = self.backends.get_mut(node).and_then(|b| b.take()) else {
-            return Ok(());
-        };
-        self.shared.nodes.mark_down(node);
-        let name = backend.conn.node_name.clone();
-        warn!(node = %name, error = %reason, "lost connection to node");
-        let message = format!("lost connection to node \"{name}\": {reason}");
-        if self.pinned == Some(node) || self.open_unit == Some(node) || self.copy_node == Some(node)
-        {
-            Report::fatal(sqlstate::CONNECTION_FAILURE, &message)
-                .write_error(&mut self.client.wbuf);
-            return Err(SessionEnd::Fatal(message));
-        }
-        for group in backend.groups.iter().filter(|g| g.forward) {
-            let _ = group;
-            Report::error(sqlstate::CONNECTION_FAILURE, &message)
-                .write_error(&mut self.client.wbuf);
-            be::ready_for_query(&mut self.client.wbuf, TxStatus::Idle);
-        }
-        Ok(())
-    }
-
     /// Closes node connections and the client connection.
     async fn close(mut self) {
         let _ = self.client.flush().await;
@@ -580,18 +503,12 @@ async fn next_backend_frame(backends: &mut [Option<Backend>]) -> (usize, std::io
     .await
 }
 
-/// CommandComplete tags after which the database's function list may have changed.
-fn is_function_ddl(body: &[u8]) -> bool {
-    const TAGS: [&[u8]; 9] = [
-        b"CREATE FUNCTION",
-        b"ALTER FUNCTION",
-        b"DROP FUNCTION",
-        b"CREATE PROCEDURE",
-        b"CREATE EXTENSION",
-        b"ALTER EXTENSION",
-        b"DROP EXTENSION",
-        b"DROP SCHEMA",
-        b"ALTER ROUTINE",
-    ];
-    TAGS.iter().any(|t| body.starts_with(t))
+/// Whether enough followers applied `position` for the acknowledgement policy.
+fn ack_satisfied(p: &Positions, policy: Ack, position: Position) -> bool {
+    match policy {
+        Ack::Async => true,
+        Ack::Quorum(k) => p.applied_count(position) >= k,
+        // Every follower that is up; with none up, nothing can confirm and the wait times out.
+        Ack::All => p.applied_count(position) >= p.up_count().max(1),
+    }
 }

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use crate::protocol::codec::Frame;
 use crate::routing::classify::{Classification, SessionChange, SessionOp};
 
+use super::overrides::Hint;
+
 /// How a statement may be routed, derived once from its text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatementClass {
@@ -18,12 +20,18 @@ pub struct StatementClass {
     pub pins_leader: bool,
     /// `Some(read_only)` when the statement begins a transaction block.
     pub begin: Option<bool>,
+    /// The statement ends the open transaction block (COMMIT, ROLLBACK, ...).
+    pub ends_tx: bool,
+    /// A `/* pgrelay: ... */` routing hint.
+    pub hint: Option<Hint>,
+    /// A COPY that writes (COPY ... FROM): the node may wait for the client's data.
+    pub copies: bool,
 }
 
 impl StatementClass {
     /// The class of a classified string; `sql_prepared` says which SQL-level prepared
     /// statements (run with EXECUTE) are reads.
-    pub fn of(c: &Classification, sql_prepared: &HashMap<String, bool>) -> Self {
+    pub fn of(c: &Classification, sql_prepared: &HashMap<String, bool>, sql: &str) -> Self {
         let executes_read_only = c
             .executes
             .iter()
@@ -33,6 +41,9 @@ impl StatementClass {
             writes: c.writes || !executes_read_only,
             pins_leader: c.pins_leader,
             begin: c.begin.as_ref().map(|b| b.read_only),
+            ends_tx: c.ends_transaction,
+            hint: super::overrides::parse_hint(sql),
+            copies: c.writes && starts_with_copy(sql),
         }
     }
 }
@@ -49,13 +60,18 @@ pub struct Statement {
 }
 
 /// Client messages collected for one routing decision.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Unit {
     pub frames: Vec<Frame>,
     pub read_only: bool,
     pub writes: bool,
     pub pins_leader: bool,
     pub begin: Option<bool>,
+    pub ends_tx: bool,
+    pub hint: Option<Hint>,
+    /// A statement is a COPY, which may put the node in COPY IN mode until the client's data
+    /// is through: nothing of pgrelay's may be pipelined behind it.
+    pub copies: bool,
     /// Session-level changes (SET, PREPARE, ...) made by the unit's simple queries.
     pub changes: Vec<SessionChange>,
     /// Statements the unit uses that it did not prepare itself: they must exist on its node.
@@ -78,6 +94,9 @@ impl Default for Unit {
             writes: false,
             pins_leader: false,
             begin: None,
+            ends_tx: false,
+            hint: None,
+            copies: false,
             changes: Vec::new(),
             needs: Vec::new(),
             parses: Vec::new(),
@@ -93,8 +112,13 @@ impl Unit {
         self.read_only &= class.read_only;
         self.writes |= class.writes;
         self.pins_leader |= class.pins_leader;
+        self.ends_tx |= class.ends_tx;
+        self.copies |= class.copies;
         if class.begin.is_some() {
             self.begin = class.begin;
+        }
+        if class.hint.is_some() {
+            self.hint = class.hint;
         }
     }
 
@@ -112,5 +136,39 @@ impl Unit {
             SessionOp::Prepare { name, read_only } => Some((name.as_str(), *read_only)),
             _ => None,
         })
+    }
+}
+
+/// Whether a query string's first statement starts with COPY (after white space and comments).
+pub fn starts_with_copy(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            break;
+        }
+    }
+    rest.get(..4)
+        .is_some_and(|w| w.eq_ignore_ascii_case("copy"))
+        && !rest
+            .get(4..5)
+            .is_some_and(|c| c.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_statements() {
+        assert!(starts_with_copy("COPY t FROM STDIN"));
+        assert!(starts_with_copy("  -- load\n/* x */ copy t from stdin"));
+        assert!(!starts_with_copy("COPYRIGHT"));
+        assert!(!starts_with_copy("SELECT 'COPY'"));
+        assert!(starts_with_copy("copy"));
     }
 }

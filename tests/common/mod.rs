@@ -136,6 +136,10 @@ pub fn proxy_config(leader: &NodeInfo, followers: &[NodeInfo], extra: &str) -> S
          \n[[users]]\nname = \"{MD5_USER}\"\npassword = \"md5-pw\"\nauth = \"md5\"\n\
          \n[[users]]\nname = \"{TRUST_USER}\"\npassword = \"trust-pw\"\nauth = \"trust\"\n"
     ));
+    if !extra.contains("[metrics]") {
+        // Every in-process proxy gets a metrics endpoint of its own.
+        text.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    }
     text
 }
 

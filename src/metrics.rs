@@ -1,0 +1,235 @@
+//! Prometheus metrics: names (with units) in one place, handles registered once per proxy and
+//! passed to whoever updates them, and a small HTTP endpoint that serves `/metrics`.
+//!
+//! The recorder is per proxy rather than the `metrics` crate's global one, so several proxies
+//! in one process (tests) keep their numbers apart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::{Config, Role};
+
+pub const REPLICATION_LAG_SECONDS: &str = "pgrelay_replication_lag_seconds";
+pub const REPLICATION_LAG_BYTES: &str = "pgrelay_replication_lag_bytes";
+pub const FOLLOWER_UP: &str = "pgrelay_follower_up";
+pub const LEADER_POSITION: &str = "pgrelay_leader_position";
+pub const FOLLOWER_APPLIED_POSITION: &str = "pgrelay_follower_applied_position";
+pub const READS_TOTAL: &str = "pgrelay_reads_total";
+pub const WRITES_TOTAL: &str = "pgrelay_writes_total";
+pub const RYW_FALLBACKS_TOTAL: &str = "pgrelay_ryw_fallbacks_total";
+pub const RYW_WAIT_SECONDS: &str = "pgrelay_ryw_wait_seconds";
+pub const ACK_WAIT_SECONDS: &str = "pgrelay_ack_wait_seconds";
+pub const ACK_TIMEOUTS_TOTAL: &str = "pgrelay_ack_timeouts_total";
+pub const CLIENT_CONNECTIONS: &str = "pgrelay_client_connections";
+
+/// Why a read went where it went (the `reason` label of `pgrelay_reads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadReason {
+    /// A follower that satisfies the consistency level.
+    Consistency,
+    /// The leader, because no follower caught up within `ryw_wait` (or none was available).
+    Fallback,
+    /// A `/* pgrelay: ... */` comment decided.
+    Hint,
+    /// Inside a transaction: the transaction's node.
+    Transaction,
+    /// The session is pinned to the leader, or consistency is `leader`.
+    Leader,
+}
+
+impl ReadReason {
+    const ALL: [ReadReason; 5] = [
+        ReadReason::Consistency,
+        ReadReason::Fallback,
+        ReadReason::Hint,
+        ReadReason::Transaction,
+        ReadReason::Leader,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ReadReason::Consistency => "consistency",
+            ReadReason::Fallback => "fallback",
+            ReadReason::Hint => "hint",
+            ReadReason::Transaction => "transaction",
+            ReadReason::Leader => "leader",
+        }
+    }
+}
+
+/// Per-follower gauges.
+pub struct FollowerMetrics {
+    pub lag_seconds: Gauge,
+    pub lag_bytes: Gauge,
+    pub up: Gauge,
+    pub applied_position: Gauge,
+}
+
+/// Every metric pgrelay exports, registered once.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    /// Node index -> follower gauges (None for the leader).
+    followers: Vec<Option<FollowerMetrics>>,
+    /// Node index -> one counter per [`ReadReason`].
+    reads: Vec<Vec<Counter>>,
+    pub leader_position: Gauge,
+    pub writes: Counter,
+    pub ryw_fallbacks: Counter,
+    pub ryw_wait: Histogram,
+    pub ack_wait: Histogram,
+    pub ack_timeouts: Counter,
+    pub client_connections: Gauge,
+}
+
+const WAIT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+];
+
+impl Metrics {
+    pub fn new(config: &Config) -> Metrics {
+        let recorder: PrometheusRecorder = PrometheusBuilder::new()
+            .set_buckets(&WAIT_BUCKETS)
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let meta = metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_counter(&Key::from_parts(name, labels), &meta)
+        };
+        let gauge = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_gauge(&Key::from_parts(name, labels), &meta)
+        };
+        let histogram =
+            |name: &'static str| recorder.register_histogram(&Key::from_name(name), &meta);
+        let followers = config
+            .nodes
+            .iter()
+            .map(|n| {
+                (n.role == Role::Follower).then(|| {
+                    let l = || vec![Label::new("follower", n.name.clone())];
+                    FollowerMetrics {
+                        lag_seconds: gauge(REPLICATION_LAG_SECONDS, l()),
+                        lag_bytes: gauge(REPLICATION_LAG_BYTES, l()),
+                        up: gauge(FOLLOWER_UP, l()),
+                        applied_position: gauge(FOLLOWER_APPLIED_POSITION, l()),
+                    }
+                })
+            })
+            .collect();
+        let reads = config
+            .nodes
+            .iter()
+            .map(|n| {
+                ReadReason::ALL
+                    .iter()
+                    .map(|r| {
+                        counter(
+                            READS_TOTAL,
+                            vec![
+                                Label::new("node", n.name.clone()),
+                                Label::new("reason", r.label()),
+                            ],
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let metrics = Metrics {
+            followers,
+            reads,
+            leader_position: gauge(LEADER_POSITION, vec![]),
+            writes: counter(WRITES_TOTAL, vec![]),
+            ryw_fallbacks: counter(RYW_FALLBACKS_TOTAL, vec![]),
+            ryw_wait: histogram(RYW_WAIT_SECONDS),
+            ack_wait: histogram(ACK_WAIT_SECONDS),
+            ack_timeouts: counter(ACK_TIMEOUTS_TOTAL, vec![]),
+            client_connections: gauge(CLIENT_CONNECTIONS, vec![]),
+            handle: recorder.handle(),
+        };
+        // Counters and histograms appear in the output from the start, not at first use.
+        metrics.writes.increment(0);
+        metrics.ryw_fallbacks.increment(0);
+        metrics.ack_timeouts.increment(0);
+        metrics
+    }
+
+    pub fn follower(&self, node: usize) -> Option<&FollowerMetrics> {
+        self.followers.get(node).and_then(|f| f.as_ref())
+    }
+
+    pub fn read(&self, node: usize, reason: ReadReason) {
+        let idx = ReadReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        if let Some(c) = self.reads.get(node).and_then(|r| r.get(idx)) {
+            c.increment(1);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    warn!(error = %err, "metrics endpoint: accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            // Read the request head (capped), with a deadline so idle connections go away.
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => request.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&request);
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, content_type, body) = if path == "/metrics" {
+                ("200 OK", "text/plain; version=0.0.4", metrics.render())
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "not found; try /metrics\n".to_owned(),
+                )
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(err) = stream.write_all(response.as_bytes()).await {
+                debug!(error = %err, "metrics endpoint: write failed");
+            }
+            let _ = stream.shutdown().await;
+        });
+    }
+}

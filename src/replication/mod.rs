@@ -1,0 +1,10 @@
+//! Replication: where each follower stands relative to the leader, in one currency for every
+//! mode ([`positions`]), and the mode-specific parts that produce those positions.
+//!
+//! - [`positions`]: the `u64` position, per-follower state published through `watch` channels.
+//! - [`lag`]: lag in seconds from timestamped samples of the leader's position.
+//! - [`physical`]: streaming standbys: polls the leader's WAL insert position and each
+//!   follower's replay position.
+pub mod lag;
+pub mod physical;
+pub mod positions;

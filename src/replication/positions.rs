@@ -1,0 +1,213 @@
+//! Positions: the one currency in which every replication mode answers "what position did this
+//! commit reach on the leader?" and "up to what position has follower F applied?". In
+//! `physical` mode a position is a WAL LSN.
+//!
+//! Each follower's state is published through a `tokio::sync::watch` channel, so the router,
+//! the metrics and the acknowledgement waiters read it without locks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// An ordered replication position (WAL LSN in physical and row mode).
+pub type Position = u64;
+
+/// Parses Postgres's LSN text form `X/Y` (both hexadecimal).
+pub fn parse_lsn(text: &str) -> Option<Position> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
+}
+
+/// Formats a position as Postgres writes an LSN.
+pub fn format_lsn(position: Position) -> String {
+    format!("{:X}/{:X}", position >> 32, position & 0xffff_ffff)
+}
+
+/// What pgrelay knows of one follower.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FollowerState {
+    /// The follower answered its last position poll.
+    pub up: bool,
+    /// The position it has applied (replayed), if known.
+    pub applied: Option<Position>,
+    pub lag_bytes: u64,
+    pub lag: Duration,
+}
+
+impl Default for FollowerState {
+    fn default() -> Self {
+        FollowerState {
+            up: false,
+            applied: None,
+            lag_bytes: 0,
+            lag: Duration::ZERO,
+        }
+    }
+}
+
+impl FollowerState {
+    /// Whether the follower has applied `position` (and is up).
+    pub fn has_applied(&self, position: Position) -> bool {
+        self.up && self.applied.is_some_and(|a| a >= position)
+    }
+}
+
+/// The positions of the leader and every follower, shared by all sessions.
+#[derive(Debug)]
+pub struct Positions {
+    /// Node index -> follower state channel (None for the leader).
+    followers: Vec<Option<watch::Sender<FollowerState>>>,
+    leader: AtomicU64,
+    /// The highest commit position pgrelay acknowledged to any client ("global" reads wait
+    /// for it).
+    acknowledged: AtomicU64,
+    /// Bumped on every follower update, so a waiter can sleep until anything changed.
+    changed: watch::Sender<u64>,
+}
+
+impl Positions {
+    /// `followers`: the node indexes of the followers; `nodes`: how many nodes there are.
+    pub fn new(nodes: usize, followers: &[usize]) -> Self {
+        let mut chans: Vec<Option<watch::Sender<FollowerState>>> =
+            (0..nodes).map(|_| None).collect();
+        for &f in followers {
+            if let Some(slot) = chans.get_mut(f) {
+                *slot = Some(watch::Sender::new(FollowerState::default()));
+            }
+        }
+        Positions {
+            followers: chans,
+            leader: AtomicU64::new(0),
+            acknowledged: AtomicU64::new(0),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    pub fn follower(&self, node: usize) -> FollowerState {
+        match self.followers.get(node) {
+            Some(Some(tx)) => *tx.borrow(),
+            _ => FollowerState::default(),
+        }
+    }
+
+    pub fn subscribe(&self, node: usize) -> Option<watch::Receiver<FollowerState>> {
+        match self.followers.get(node) {
+            Some(Some(tx)) => Some(tx.subscribe()),
+            _ => None,
+        }
+    }
+
+    pub fn publish(&self, node: usize, state: FollowerState) {
+        if let Some(Some(tx)) = self.followers.get(node) {
+            tx.send_replace(state);
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    pub fn set_leader(&self, position: Position) {
+        self.leader.fetch_max(position, Ordering::AcqRel);
+    }
+
+    pub fn leader(&self) -> Position {
+        self.leader.load(Ordering::Acquire)
+    }
+
+    pub fn acknowledge(&self, position: Position) {
+        self.acknowledged.fetch_max(position, Ordering::AcqRel);
+    }
+
+    pub fn acknowledged(&self) -> Position {
+        self.acknowledged.load(Ordering::Acquire)
+    }
+
+    /// A receiver that changes whenever any follower's state does.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// How many followers have applied `position`.
+    pub fn applied_count(&self, position: Position) -> usize {
+        self.followers
+            .iter()
+            .flatten()
+            .filter(|tx| tx.borrow().has_applied(position))
+            .count()
+    }
+
+    /// How many followers are up.
+    pub fn up_count(&self) -> usize {
+        self.followers
+            .iter()
+            .flatten()
+            .filter(|tx| tx.borrow().up)
+            .count()
+    }
+
+    /// Waits until `enough` says the followers' states suffice, or `timeout` passed; returns
+    /// whether they did.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut enough: impl FnMut(&Positions) -> bool,
+    ) -> bool {
+        let mut changes = self.changes();
+        let wait = async {
+            loop {
+                if enough(self) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    // The sender lives as long as `self`; unreachable in practice.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("nonsense"), None);
+        assert_eq!(parse_lsn("1/"), None);
+        assert_eq!(parse_lsn("100000000/0"), None);
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_a_follower_catches_up() {
+        let p = std::sync::Arc::new(Positions::new(3, &[1, 2]));
+        assert_eq!(p.applied_count(10), 0);
+        let waiter = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                p.wait_until(Duration::from_secs(10), |p| p.applied_count(10) >= 1)
+                    .await
+            })
+        };
+        p.publish(
+            2,
+            FollowerState {
+                up: true,
+                applied: Some(12),
+                ..FollowerState::default()
+            },
+        );
+        assert!(waiter.await.unwrap());
+        assert!(
+            !p.wait_until(Duration::from_millis(10), |p| p.applied_count(10) >= 2)
+                .await
+        );
+        assert_eq!(p.up_count(), 1);
+    }
+}

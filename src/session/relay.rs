@@ -1,0 +1,323 @@
+//! Replies from nodes: relayed to the client or swallowed, with the bookkeeping they drive
+//! (transaction state, COPY mode, session changes, write positions, held commit replies), and
+//! what happens when a node connection fails.
+
+use tracing::{debug, warn};
+
+use crate::protocol::backend::{self as be, tag, Report, TxStatus};
+use crate::protocol::codec::Frame;
+use crate::protocol::sqlstate;
+
+use std::time::Instant;
+
+use crate::config::Ack;
+use crate::replication::positions::Position;
+
+use super::state;
+use super::{AckWait, Group, Session, SessionEnd};
+
+impl Session {
+    /// Handles one reply from a node: relays it or swallows it, and keeps track of transaction
+    /// state, COPY mode and statements.
+    pub(super) async fn on_backend_message(
+        &mut self,
+        node: usize,
+        frame: Frame,
+    ) -> Result<(), SessionEnd> {
+        let Some(backend) = self.backends.get_mut(node).and_then(|b| b.as_mut()) else {
+            return Ok(());
+        };
+        let Some(group) = backend.groups.front_mut() else {
+            // Idle connection: only asynchronous messages arrive here.
+            match frame.tag() {
+                tag::NOTIFICATION_RESPONSE | tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS => {
+                    self.emit(frame.raw());
+                }
+                tag::ERROR_RESPONSE => {
+                    // A FATAL error on an idle connection (the node is shutting down): it will close.
+                    let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                    debug!(node, message = %fields.message, "idle node connection reported an error");
+                }
+                other => {
+                    debug!(node, tag = %char::from(other), "unexpected message on an idle node connection")
+                }
+            }
+            return Ok(());
+        };
+        match frame.tag() {
+            tag::READY_FOR_QUERY => {
+                let status = be::parse_ready_for_query(&frame.body())
+                    .map_err(|e| SessionEnd::Fatal(format!("node sent {e}")))?;
+                let group = backend.groups.pop_front().unwrap_or_default();
+                let more_forwarding = backend.forwarding();
+                // What pgrelay prepared in a failed group may not exist, so it is prepared
+                // again (after a Close) when next needed.
+                if group.error {
+                    for name in &group.injected {
+                        backend.prepared.remove(name);
+                    }
+                }
+                if group.capture {
+                    self.capture_done(group.position);
+                    return Ok(());
+                }
+                if group.capture_when_ready {
+                    crate::protocol::frontend::query(
+                        &mut backend.conn.wbuf,
+                        crate::replication::physical::LEADER_POSITION_SQL,
+                    );
+                    backend.groups.push_back(Group {
+                        capture: true,
+                        ..Group::default()
+                    });
+                }
+                if !group.forward {
+                    return Ok(());
+                }
+                self.emit(frame.raw());
+                self.tx_status = status;
+                if status == TxStatus::Idle {
+                    self.tx_wrote = false;
+                }
+                match status {
+                    TxStatus::InTransaction | TxStatus::Failed => self.pinned = Some(node),
+                    TxStatus::Idle if !more_forwarding && self.open_unit.is_none() => {
+                        self.pinned = None
+                    }
+                    TxStatus::Idle => {}
+                }
+                self.record_changes(node, group, status);
+                return Ok(());
+            }
+            tag::ERROR_RESPONSE => {
+                group.error = true;
+                if !group.forward {
+                    // pgrelay's own statement failed (a replayed SET, a statement prepared
+                    // again): the client's next statement on this node will show the effect.
+                    let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                    warn!(node = %backend.conn.node_name, code = %fields.code, message = %fields.message, "statement pgrelay ran on a node failed");
+                }
+            }
+            tag::COMMAND_COMPLETE => {
+                let body = frame.body();
+                match body.first() {
+                    Some(b'C') if body.starts_with(b"COMMIT\0") => group.committed = true,
+                    Some(b'R') if body.starts_with(b"ROLLBACK\0") => group.rolled_back = true,
+                    Some(b'C' | b'A' | b'D') if is_function_ddl(&body) => {
+                        self.shared.classifiers.invalidate(&self.database);
+                    }
+                    _ => {}
+                }
+            }
+            // ParseComplete and CloseComplete carry nothing, so which of them are swallowed
+            // does not matter, only how many.
+            tag::PARSE_COMPLETE if group.swallow_parse_completes > 0 => {
+                group.swallow_parse_completes -= 1;
+                return Ok(());
+            }
+            tag::CLOSE_COMPLETE if group.swallow_close_completes > 0 => {
+                group.swallow_close_completes -= 1;
+                return Ok(());
+            }
+            tag::DATA_ROW if group.capture => {
+                group.position =
+                    first_column(&frame.body()).and_then(crate::replication::positions::parse_lsn);
+            }
+            tag::COPY_IN_RESPONSE if group.forward => {
+                self.copy_node = Some(node);
+                if group.extended {
+                    self.copy_sync_pending = true;
+                }
+            }
+            _ => {}
+        }
+        if group.forward {
+            group.forwarded = true;
+            self.emit(frame.raw());
+        }
+        Ok(())
+    }
+
+    /// Sends bytes to the client, or holds them while a commit waits for followers.
+    fn emit(&mut self, bytes: &[u8]) {
+        if self.holding {
+            self.held.extend_from_slice(bytes);
+        } else {
+            self.client.wbuf.extend_from_slice(bytes);
+        }
+    }
+
+    /// The leader position a commit reached is known (None: the query failed).
+    fn capture_done(&mut self, position: Option<Position>) {
+        self.captures_in_flight = self.captures_in_flight.saturating_sub(1);
+        if let Some(p) = position {
+            self.last_write = Some(self.last_write.map_or(p, |w| w.max(p)));
+        }
+        match (self.holding, position) {
+            (true, Some(p)) => {
+                self.ack_wait = Some(AckWait {
+                    position: p,
+                    started: Instant::now(),
+                });
+            }
+            (true, None) => self.release(None),
+            (false, Some(p)) => self.shared.positions.acknowledge(p),
+            (false, None) => {}
+        }
+    }
+
+    /// The held commit was applied by enough followers (`confirmed`), or its time ran out.
+    pub(super) fn finish_ack(&mut self, confirmed: bool) {
+        let Some(wait) = self.ack_wait.take() else {
+            return;
+        };
+        self.shared
+            .metrics
+            .ack_wait
+            .record(wait.started.elapsed().as_secs_f64());
+        self.shared.positions.acknowledge(wait.position);
+        if confirmed {
+            self.release(None);
+            return;
+        }
+        self.shared.metrics.ack_timeouts.increment(1);
+        let applied = self.shared.positions.applied_count(wait.position);
+        let wanted = match self.config.replication.ack {
+            Ack::Quorum(k) => k.to_string(),
+            _ => "every".to_owned(),
+        };
+        let message = format!(
+            "pgrelay: the commit is durable on the leader, but only {applied} follower(s) applied it within {:?} ({wanted} required by ack = \"{}\")",
+            self.config.replication.ack_timeout,
+            match self.config.replication.ack {
+                Ack::Quorum(k) => format!("quorum:{k}"),
+                Ack::All => "all".to_owned(),
+                Ack::Async => "async".to_owned(),
+            }
+        );
+        warn!(
+            position = wait.position,
+            applied, "acknowledgement timed out"
+        );
+        self.release(Some(message));
+    }
+
+    /// Sends the held replies; a warning goes just before their closing ReadyForQuery.
+    fn release(&mut self, warning: Option<String>) {
+        self.holding = false;
+        let held = std::mem::take(&mut self.held);
+        let Some(warning) = warning else {
+            self.client.wbuf.extend_from_slice(&held);
+            return;
+        };
+        let split = match held.len().checked_sub(6) {
+            Some(at) if held.get(at) == Some(&tag::READY_FOR_QUERY) => at,
+            _ => held.len(),
+        };
+        let (replies, ready) = held.split_at(split);
+        self.client.wbuf.extend_from_slice(replies);
+        Report::warning(sqlstate::WARNING, &warning).write_notice(&mut self.client.wbuf);
+        self.client.wbuf.extend_from_slice(ready);
+    }
+
+    /// Records a finished group's session changes once they are known to have taken effect:
+    /// outside a transaction at once, inside one at its COMMIT.
+    fn record_changes(&mut self, node: usize, group: Group, status: TxStatus) {
+        match status {
+            TxStatus::InTransaction => {
+                if !group.error {
+                    self.tx_changes.extend(group.changes);
+                }
+            }
+            TxStatus::Failed => {}
+            TxStatus::Idle => {
+                let mut changes = std::mem::take(&mut self.tx_changes);
+                if group.rolled_back || group.error {
+                    changes.clear();
+                } else {
+                    changes.extend(group.changes);
+                }
+                for change in changes {
+                    self.state.apply(&change);
+                    let drops_prepared = state::drops_prepared_statements(&change);
+                    for (i, b) in self.backends.iter_mut().enumerate() {
+                        let Some(b) = b.as_mut() else { continue };
+                        if drops_prepared {
+                            b.prepared.clear();
+                        }
+                        if i != node {
+                            b.pending_replay.push(change.text.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A node connection failed: the client gets an error for every reply it was waiting for
+    /// from it; if its transaction was there, the session ends as Postgres would end it.
+    pub(super) fn backend_lost(&mut self, node: usize, reason: &str) -> Result<(), SessionEnd> {
+        let Some(backend) = self.backends.get_mut(node).and_then(|b| b.take()) else {
+            return Ok(());
+        };
+        self.shared.nodes.mark_down(node);
+        let name = backend.conn.node_name.clone();
+        warn!(node = %name, error = %reason, "lost connection to node");
+        let message = format!("lost connection to node \"{name}\": {reason}");
+        if self.pinned == Some(node) || self.open_unit == Some(node) || self.copy_node == Some(node)
+        {
+            Report::fatal(sqlstate::CONNECTION_FAILURE, &message)
+                .write_error(&mut self.client.wbuf);
+            return Err(SessionEnd::Fatal(message));
+        }
+        for group in backend.groups {
+            if group.capture {
+                self.capture_done(None);
+                continue;
+            }
+            if !group.forward {
+                continue;
+            }
+            match group.retry {
+                // Nothing of the answer reached the client yet: the read runs again elsewhere.
+                Some(unit) if !group.forwarded => {
+                    debug!(node = %name, "retrying a read on another node");
+                    self.retries.push_back(*unit);
+                }
+                _ => {
+                    let mut out = bytes::BytesMut::new();
+                    Report::error(sqlstate::CONNECTION_FAILURE, &message).write_error(&mut out);
+                    be::ready_for_query(&mut out, TxStatus::Idle);
+                    self.emit(&out);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CommandComplete tags after which the database's function list may have changed.
+fn is_function_ddl(body: &[u8]) -> bool {
+    const TAGS: [&[u8]; 9] = [
+        b"CREATE FUNCTION",
+        b"ALTER FUNCTION",
+        b"DROP FUNCTION",
+        b"CREATE PROCEDURE",
+        b"CREATE EXTENSION",
+        b"ALTER EXTENSION",
+        b"DROP EXTENSION",
+        b"DROP SCHEMA",
+        b"ALTER ROUTINE",
+    ];
+    TAGS.iter().any(|t| body.starts_with(t))
+}
+
+/// The first column of a DataRow, as text.
+fn first_column(body: &[u8]) -> Option<&str> {
+    let mut r = crate::protocol::codec::Reader::new(body, "DataRow");
+    if r.count16().ok()? < 1 {
+        return None;
+    }
+    let len = usize::try_from(r.i32().ok()?).ok()?;
+    std::str::from_utf8(r.bytes(len).ok()?).ok()
+}
