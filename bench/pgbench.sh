@@ -117,6 +117,41 @@ cpu_ticks() {
     awk '{print $12 + $13}' <<<"$stat"
 }
 
+# CPU ticks used machine-wide and by this benchmark (this script, its children and every
+# descendant, live or reaped), for "other CPU": what the machine spent on anything else during a run.
+# Prints "<busy ticks machine-wide> <ticks of this benchmark>".
+cpu_snapshot() {
+    python3 - "$$" <<'PYSNAP'
+import os, sys
+root = int(sys.argv[1])
+with open("/proc/stat") as f:
+    v = [int(x) for x in f.readline().split()[1:]]
+busy = sum(v) - v[3] - v[4]  # all but idle and iowait
+procs = {}
+for d in os.listdir("/proc"):
+    if not d.isdigit():
+        continue
+    try:
+        with open(f"/proc/{d}/stat") as f:
+            st = f.read()
+    except OSError:
+        continue
+    rest = st[st.rfind(")") + 2:].split()
+    # rest[0] is field 3 (state): ppid is field 4, utime..cstime fields 14..17.
+    procs[int(d)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
+children = {}
+for pid, (ppid, _) in procs.items():
+    children.setdefault(ppid, []).append(pid)
+ours, stack = 0, [root]
+while stack:
+    p = stack.pop()
+    if p in procs:
+        ours += procs[p][1]
+    stack.extend(children.get(p, []))
+print(busy, ours)
+PYSNAP
+}
+
 # --- 1. build and tools ------------------------------------------------------------------------
 mkdir -p "$RESULTS_DIR/logs"
 if [ "${NO_BUILD:-0}" != 1 ]; then
@@ -239,7 +274,7 @@ pick() { # pick FIELD-REGEX SED-EXPR FILE -> first match or empty
 }
 
 CSV="$RESULTS_DIR/raw.csv"
-echo "workload,args,target,round,position,exit_code,status,tps,latency_ms,transactions,failed_transactions,aborted_clients,proxy_cpu_ticks,proxy_cpu_us_per_txn,loadavg1_before,started_at" >"$CSV"
+echo "workload,args,target,round,position,exit_code,status,tps,latency_ms,transactions,failed_transactions,aborted_clients,proxy_cpu_ticks,proxy_cpu_us_per_txn,loadavg1_before,other_cpu_pct,started_at" >"$CSV"
 {
     echo "date: $(date -Is)"
     echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
@@ -271,12 +306,17 @@ for workload in $WORKLOADS; do
             out="$RESULTS_DIR/logs/$workload-$target-r$round.log"
             load1="$(cut -d' ' -f1 /proc/loadavg)"
             started="$(date -Is)"
+            read -r busy0 ours0 < <(cpu_snapshot)
             before="$(cpu_ticks "$pid")"
             rc=0
             # shellcheck disable=SC2086
             timeout --kill-after=10 $((DURATION + 60)) \
                 pgbench -n $args -T "$DURATION" -p "$port" >"$out" 2>&1 || rc=$?
             after="$(cpu_ticks "$pid")"
+            read -r busy1 ours1 < <(cpu_snapshot)
+            # Share of the machine's CPU capacity (all cores, over the run) used by other work.
+            other="$(awk -v b=$((busy1 - busy0)) -v o=$((ours1 - ours0)) -v n="$(nproc)" -v hz="$CLK_TCK" -v d="$DURATION" \
+                'BEGIN{x = (b - o) * 100 / (n * hz * d); if (x < 0) x = 0; printf "%.1f", x}')"
             tps="$(pick '^tps = ' 's/^tps = ([0-9.]+).*/\1/' "$out")"
             lat="$(pick '^latency average = ' 's/^latency average = ([0-9.]+) ms.*/\1/' "$out")"
             txns="$(pick '^number of transactions actually processed: ' 's/^[^:]*: ([0-9]+).*/\1/' "$out")"
@@ -293,8 +333,8 @@ for workload in $WORKLOADS; do
             elif [ "${failed:-0}" -gt 0 ]; then
                 status=failed-txns
             fi
-            echo "$workload,\"$args\",$target,$round,$i,$rc,$status,${tps},${lat},${txns},${failed},${aborted},$([ -n "$pid" ] && echo "$ticks"),${us_per_txn},$load1,$started" >>"$CSV"
-            log "$workload r$round $target: status=$status tps=${tps:-?} lat=${lat:-?}ms txns=${txns:-?} failed=${failed:-?} aborted_clients=$aborted proxy_cpu=${us_per_txn:--}us/txn load=$load1"
+            echo "$workload,\"$args\",$target,$round,$i,$rc,$status,${tps},${lat},${txns},${failed},${aborted},$([ -n "$pid" ] && echo "$ticks"),${us_per_txn},$load1,$other,$started" >>"$CSV"
+            log "$workload r$round $target: status=$status tps=${tps:-?} lat=${lat:-?}ms txns=${txns:-?} failed=${failed:-?} aborted_clients=$aborted proxy_cpu=${us_per_txn:--}us/txn load=$load1 other_cpu=${other}%"
         done
     done
 done
@@ -310,8 +350,8 @@ def med(vals):
     return statistics.median(vals) if vals else None
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
-print("| workload | target | TPS (median) | x direct | avg latency ms | proxy CPU us/txn | failed txns | runs ok | TPS per round |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+print("| workload | target | TPS (median) | x direct | avg latency ms | proxy CPU us/txn | failed txns | runs ok | TPS per round | other CPU % (max) |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
 for w in workloads:
     ws = [r for r in rows if r["workload"] == w]
     direct = med(r["tps"] for r in ws if r["target"] == "direct" and r["status"] == "ok")
@@ -329,10 +369,12 @@ for w in workloads:
         fail_note = str(failed) + (f" ({aborted} clients aborted)" if aborted else "")
         per_round = " / ".join(r["tps"] if r["status"] == "ok" else f"FAILED({r['tps'] or '-'})" for r in rs)
         status = f"{len(ok)}/{len(rs)}"
+        others = [float(r["other_cpu_pct"]) for r in rs if r.get("other_cpu_pct")]
+        other = fmt(max(others) if others else None, ".0f")
         if not ok:
-            print(f"| {w} | {t} | FAILED | - | - | - | {fail_note} | {status} | {per_round} |")
+            print(f"| {w} | {t} | FAILED | - | - | - | {fail_note} | {status} | {per_round} | {other} |")
         else:
-            print(f"| {w} | {t} | {fmt(tps, '.0f')} | {fmt(ratio, '.2f')} | {fmt(lat, '.3f')} | {fmt(cpu, '.1f')} | {fail_note} | {status} | {per_round} |")
+            print(f"| {w} | {t} | {fmt(tps, '.0f')} | {fmt(ratio, '.2f')} | {fmt(lat, '.3f')} | {fmt(cpu, '.1f')} | {fail_note} | {status} | {per_round} | {other} |")
 PY
 cat "$RESULTS_DIR/summary.md"
 log "raw results: $CSV; summary: $RESULTS_DIR/summary.md"
