@@ -172,7 +172,7 @@ log "work directory $WORK, results in $RESULTS_DIR"
 
 # --- 2. the demo cluster (leader, 2 standbys, pgrelay with default routing) ----------------------
 PORT_SESSION="$(free_port)"
-"$PGRELAY" demo --dir "$WORK/demo" --listen "127.0.0.1:$PORT_SESSION" --followers 2 >"$WORK/demo.log" 2>&1 &
+"$PGRELAY" demo --dir "$WORK/demo" --listen "127.0.0.1:$PORT_SESSION" --followers 2 --metrics-listen "" >"$WORK/demo.log" 2>&1 &
 DEMO_PID=$!
 deadline=$((SECONDS + STARTUP_DEADLINE))
 until grep -q "press Ctrl-C" "$WORK/demo.log"; do
@@ -196,7 +196,9 @@ log "demo ready: leader 127.0.0.1:$LEADER_PORT, pgrelay (session routing) 127.0.
 
 # --- 3. a second pgrelay that sends everything to the leader -------------------------------------
 PORT_LEADER="$(free_port)"
-sed -e "s|^listen = .*|listen = \"127.0.0.1:$PORT_LEADER\"|" \
+# Only the [proxy] section's listen changes; the copy serves no metrics.
+sed -e "/^\[proxy\]/,/^\[/ s|^listen = .*|listen = \"127.0.0.1:$PORT_LEADER\"|" \
+    -e '/^\[metrics\]/,/^\[/ s|^listen = .*|listen = ""|' \
     -e 's|^consistency = .*|consistency = "leader"|' "$CONF" >"$WORK/pgrelay-leader.toml"
 grep -q '^consistency = "leader"' "$WORK/pgrelay-leader.toml" || die "could not set consistency in the copied config"
 RUST_LOG="${RUST_LOG:-warn}" "$PGRELAY" run --config "$WORK/pgrelay-leader.toml" >"$WORK/pgrelay-leader.log" 2>&1 &

@@ -19,6 +19,10 @@ pub struct DemoOptions {
     pub followers: usize,
     pub listen: SocketAddr,
     pub dir: Option<PathBuf>,
+    /// Make the first follower lag by this much on purpose.
+    pub lag: Option<std::time::Duration>,
+    /// Where to serve `/metrics` (None: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,14 @@ pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
         extra_conf: Vec::new(),
         remove_dir_on_drop: false,
     })?;
+    if let (Some(lag), Some(first)) = (opts.lag, cluster.followers().first()) {
+        // A standby applies WAL only once it is this old: a follower that lags on purpose.
+        cluster.set_setting(
+            &first.name,
+            "recovery_min_apply_delay",
+            &format!("{}ms", lag.as_millis()),
+        )?;
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(serve(&opts, &cluster, &dir, &superuser_password));
     drop(runtime);
@@ -77,15 +89,20 @@ pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
 
 /// The config the demo runs with.
 pub fn demo_config_text(
-    listen: SocketAddr,
+    opts: &DemoOptions,
     cluster: &LocalCluster,
     superuser_password: &str,
-    mode: ReplicationMode,
 ) -> String {
+    let metrics = opts
+        .metrics_listen
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut text = format!(
         "# Written by `pgrelay demo`; run it again with `pgrelay run --config <this file>`.\n\
-         [proxy]\nlisten = \"{listen}\"\n\n[replication]\nmode = \"{}\"\n\n[routing]\nconsistency = \"session\"\n\n",
-        mode.name()
+         [proxy]\nlisten = \"{}\"\n\n[replication]\nmode = \"{}\"\n\n[routing]\nconsistency = \"session\"\n\n\
+         [metrics]\nlisten = \"{metrics}\"\n\n",
+        opts.listen,
+        opts.mode.name()
     );
     let mut node = |name: &str, role: &str, host: &str, port: u16| {
         text.push_str(&format!(
@@ -124,7 +141,7 @@ async fn serve(
     for f in cluster.followers() {
         wait_for_database(f, superuser_password).await?;
     }
-    let text = demo_config_text(opts.listen, cluster, superuser_password, opts.mode);
+    let text = demo_config_text(opts, cluster, superuser_password);
     let config_path = dir.join("pgrelay.toml");
     write_private(&config_path, &text)?;
     let config = Config::parse(&text)?;
@@ -133,10 +150,20 @@ async fn serve(
     println!();
     println!("pgrelay is listening on {addr} ({} mode)", opts.mode.name());
     println!("  leader     {}:{}", leader.host, leader.port);
-    for f in cluster.followers() {
-        println!("  {:<10} {}:{} (streaming standby)", f.name, f.host, f.port);
+    for (i, f) in cluster.followers().iter().enumerate() {
+        let lag = match opts.lag {
+            Some(lag) if i == 0 => format!(", lagging {lag:?} on purpose"),
+            _ => String::new(),
+        };
+        println!(
+            "  {:<10} {}:{} (streaming standby{lag})",
+            f.name, f.host, f.port
+        );
     }
     println!("  config     {}", config_path.display());
+    if let Some(addr) = server.metrics_addr() {
+        println!("  metrics    http://{addr}/metrics");
+    }
     println!();
     println!(
         "connect:  psql \"postgres://{DEMO_USER}:{DEMO_PASSWORD}@{}:{}/{DEMO_DATABASE}\"",

@@ -39,6 +39,12 @@ enum Command {
         /// Directory for the servers' data and the generated pgrelay.toml (default: a new temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Make the first follower lag by this much on purpose (e.g. 300ms), to watch lag and routing.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lag: Option<std::time::Duration>,
+        /// Address of the Prometheus metrics endpoint; "" for none.
+        #[arg(long, default_value = "127.0.0.1:9930")]
+        metrics_listen: String,
     },
     /// Run against servers that already exist.
     Run {
@@ -96,13 +102,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             followers,
             listen,
             dir,
+            lag,
+            metrics_listen,
         } => {
             let mode = ReplicationMode::parse(&mode)?;
+            let metrics_listen = match metrics_listen.as_str() {
+                "" => None,
+                text => Some(
+                    text.parse()
+                        .with_context(|| format!("--metrics-listen {text:?}"))?,
+                ),
+            };
             demo::run(DemoOptions {
                 mode,
                 followers,
                 listen,
                 dir,
+                lag,
+                metrics_listen,
             })?;
             Ok(())
         }

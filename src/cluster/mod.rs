@@ -258,6 +258,16 @@ impl LocalCluster {
         tools::psql(&self.env.psql_target(node), sql)
     }
 
+    /// Changes a setting on a running node (`ALTER SYSTEM`, then a configuration reload), e.g.
+    /// `recovery_min_apply_delay` to make a standby lag on purpose.
+    pub fn set_setting(&self, name: &str, key: &str, value: &str) -> Result<(), ClusterError> {
+        let info = self.node(name)?.info.clone();
+        let value = value.replace('\'', "''");
+        self.psql(&info, &format!("ALTER SYSTEM SET {key} = '{value}'"))?;
+        self.psql(&info, "SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
     /// Whether `name`'s postmaster is currently running (as far as this cluster knows).
     pub fn is_running(&self, name: &str) -> Result<bool, ClusterError> {
         Ok(self.node(name)?.is_running())

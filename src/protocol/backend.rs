@@ -19,6 +19,8 @@ pub mod tag {
     pub const NOTIFICATION_RESPONSE: u8 = b'A';
     pub const COMMAND_COMPLETE: u8 = b'C';
     pub const DATA_ROW: u8 = b'D';
+    pub const PARAMETER_DESCRIPTION: u8 = b't';
+    pub const NO_DATA: u8 = b'n';
     pub const ROW_DESCRIPTION: u8 = b'T';
     pub const PARSE_COMPLETE: u8 = b'1';
     pub const BIND_COMPLETE: u8 = b'2';

@@ -113,6 +113,9 @@ struct Group {
     forwarded: bool,
     /// A read that may run again on another node if this one dies before answering.
     retry: Option<Box<Unit>>,
+    /// Replies of such a read that precede its rows (ParseComplete, RowDescription, ...), kept
+    /// back until a row or the result arrives, so that a retry does not repeat them.
+    preamble: bytes::BytesMut,
     error: bool,
     committed: bool,
     rolled_back: bool,

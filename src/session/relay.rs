@@ -74,6 +74,9 @@ impl Session {
                 if !group.forward {
                     return Ok(());
                 }
+                if !group.preamble.is_empty() {
+                    self.emit(&group.preamble);
+                }
                 self.emit(frame.raw());
                 self.tx_status = status;
                 if status == TxStatus::Idle {
@@ -91,6 +94,15 @@ impl Session {
             }
             tag::ERROR_RESPONSE => {
                 group.error = true;
+                if group.retry.is_some() && !group.forwarded {
+                    // A node shutting down ends its connections with a FATAL error: a read that
+                    // has not answered yet runs again elsewhere when the connection closes.
+                    let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                    if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                        debug!(node, code = %fields.code, "node is going away; the read will be retried");
+                        return Ok(());
+                    }
+                }
                 if !group.forward {
                     // pgrelay's own statement failed (a replayed SET, a statement prepared
                     // again): the client's next statement on this node will show the effect.
@@ -132,7 +144,15 @@ impl Session {
             _ => {}
         }
         if group.forward {
+            if group.retry.is_some() && !group.forwarded && is_preamble(frame.tag()) {
+                group.preamble.extend_from_slice(frame.raw());
+                return Ok(());
+            }
+            let preamble = std::mem::take(&mut group.preamble);
             group.forwarded = true;
+            if !preamble.is_empty() {
+                self.emit(&preamble);
+            }
             self.emit(frame.raw());
         }
         Ok(())
@@ -320,4 +340,19 @@ fn first_column(body: &[u8]) -> Option<&str> {
     }
     let len = usize::try_from(r.i32().ok()?).ok()?;
     std::str::from_utf8(r.bytes(len).ok()?).ok()
+}
+
+/// Replies that come before a statement's rows and carry no result.
+fn is_preamble(t: u8) -> bool {
+    matches!(
+        t,
+        tag::PARSE_COMPLETE
+            | tag::BIND_COMPLETE
+            | tag::CLOSE_COMPLETE
+            | tag::PARAMETER_DESCRIPTION
+            | tag::ROW_DESCRIPTION
+            | tag::NO_DATA
+            | tag::PARAMETER_STATUS
+            | tag::NOTICE_RESPONSE
+    )
 }

@@ -167,18 +167,50 @@ pub async fn proxy(extra: &str) -> SocketAddr {
 
 /// Starts a proxy with a full config text; it runs until the test binary exits.
 pub async fn start_proxy(config_text: String) -> SocketAddr {
+    start_proxy_with_metrics(config_text).await.0
+}
+
+/// Like [`start_proxy`], also returning where its metrics are served.
+pub async fn start_proxy_with_metrics(config_text: String) -> (SocketAddr, SocketAddr) {
     let config = Config::parse(&config_text).expect("valid test config");
-    let proxy = proxy_runtime()
+    proxy_runtime()
         .spawn(async move {
             let p = RunningProxy::start(config).await.expect("proxy starts");
-            let addr = p.addr;
+            let addrs = (
+                p.addr,
+                p.metrics_addr.expect("the test config serves metrics"),
+            );
             // Keep it running for the rest of the binary's life.
             std::mem::forget(p);
-            addr
+            addrs
         })
         .await
+        .unwrap()
+}
+
+/// The Prometheus text a proxy serves on `/metrics`.
+pub async fn scrape(metrics: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
         .unwrap();
-    proxy
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of one series (`name{labels}` exactly as exported), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// The default proxy (session consistency).
