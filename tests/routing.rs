@@ -80,7 +80,10 @@ async fn a_session_reads_its_own_writes_from_followers_that_have_them() {
         assert_eq!(n, i64::from(i) + 1, "the session reads its own write");
     }
     // Once a follower replayed the session's last write, reads go there again.
-    assert!(in_recovery(&client, "SELECT pg_is_in_recovery()").await);
+    wait_until(std::time::Duration::from_secs(10), || async {
+        in_recovery(&client, "SELECT pg_is_in_recovery()").await
+    })
+    .await;
     // Eventual consistency keeps sending reads to followers after a write.
     let eventual = common::proxy("[routing]\nconsistency = \"eventual\"\n").await;
     let client = connect_proxy(eventual, &db).await;
