@@ -78,7 +78,7 @@ pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
             &format!("{}ms", lag.as_millis()),
         )?;
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = crate::server::runtime(crate::config::DEFAULT_WORKER_THREADS)?;
     let result = runtime.block_on(serve(&opts, &cluster, &dir, &superuser_password));
     drop(runtime);
     let mut cluster = cluster;

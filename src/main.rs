@@ -85,8 +85,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            let runtime =
-                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let runtime = pgrelay::server::runtime(config.proxy.worker_threads)
+                .context("cannot start the async runtime")?;
             runtime.block_on(async {
                 let server = Server::bind(config.clone())
                     .await

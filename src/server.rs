@@ -103,6 +103,23 @@ pub async fn forward_cancel(target: CancelTarget) -> io::Result<()> {
     stream.shutdown().await
 }
 
+/// The async runtime pgrelay runs on: `threads` worker threads (0: one per core); a single
+/// thread runs everything on the calling thread.
+pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}
+
 /// A bound listener, ready to run.
 pub struct Server {
     listener: TcpListener,

@@ -86,6 +86,8 @@ pub struct ProxyConfig {
     pub max_client_connections: usize,
     /// A node that refused a connection is not tried again for this long.
     pub node_retry_interval: Duration,
+    /// Threads serving sessions; 0: one per CPU core.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +228,9 @@ pub struct RoutingConfig {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+/// One thread: a proxy shares its machine with Postgres, and one thread relays tens of
+/// thousands of statements a second without waking other cores (see BENCHMARKS.md).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 const SCRAM_ITERATIONS: u32 = 4096;
 
 fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -272,6 +277,7 @@ impl Config {
                 shutdown_timeout: Some(fmt_duration(self.proxy.shutdown_timeout)),
                 max_client_connections: Some(self.proxy.max_client_connections),
                 node_retry_interval: Some(fmt_duration(self.proxy.node_retry_interval)),
+                worker_threads: Some(self.proxy.worker_threads),
             },
             nodes: self
                 .nodes
@@ -359,6 +365,7 @@ impl TryFrom<RawConfig> for Config {
                 raw.proxy.node_retry_interval.as_deref(),
                 Duration::from_secs(1),
             )?,
+            worker_threads: raw.proxy.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS),
         };
         if proxy.max_client_connections == 0 {
             return Err(invalid("proxy.max_client_connections must be at least 1"));

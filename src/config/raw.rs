@@ -29,6 +29,7 @@ pub struct RawProxy {
     pub shutdown_timeout: Option<String>,
     pub max_client_connections: Option<usize>,
     pub node_retry_interval: Option<String>,
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

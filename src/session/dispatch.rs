@@ -238,8 +238,7 @@ impl Session {
             && ((unit.writes && !in_tx) || (unit.ends_tx && (self.tx_wrote || unit.writes)));
         let hold = capture && self.config.replication.ack != Ack::Async;
         // A read outside a transaction may run again elsewhere if its follower dies first.
-        let retry = (node != leader && !in_tx && unit.ends_group && self.open_unit.is_none())
-            .then(|| Box::new(unit.clone()));
+        let retryable = node != leader && !in_tx && unit.ends_group && self.open_unit.is_none();
         let statements: Vec<(String, Arc<Statement>)> = unit
             .needs
             .iter()
@@ -315,7 +314,6 @@ impl Session {
         group.swallow_close_completes += closes;
         group.swallow_parse_completes += parses;
         group.injected.extend(injected);
-        group.retry = retry;
         if capture {
             if unit.copies {
                 // The node may be in COPY IN mode until the client sent its data: the position
@@ -350,8 +348,11 @@ impl Session {
         for (name, read_only) in unit.sql_prepares() {
             self.sql_prepared.insert(name.to_owned(), read_only);
         }
-        if let Ok(mut slot) = self.cancel_slot.lock() {
-            *slot = Some(target);
+        if self.cancel_target != Some(target) {
+            self.cancel_target = Some(target);
+            if let Ok(mut slot) = self.cancel_slot.lock() {
+                *slot = Some(target);
+            }
         }
         self.open_unit = if unit.ends_group { None } else { Some(node) };
         if unit.begin.is_some() {
@@ -361,6 +362,11 @@ impl Session {
             self.leader_only = true;
         }
         self.last_node = Some(node);
+        if retryable {
+            if let Some(group) = self.backend_mut(node).and_then(|b| b.groups.back_mut()) {
+                group.retry = Some(Box::new(unit));
+            }
+        }
     }
 
     pub(super) async fn reload_classifier_now(&mut self) {

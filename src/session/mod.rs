@@ -205,6 +205,10 @@ pub(crate) struct Session {
     /// Client messages read but not yet handled (waiting for another node to finish).
     inbox: VecDeque<Frame>,
     cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
+    /// What `cancel_slot` holds, so it is locked only when the target changes.
+    cancel_target: Option<CancelTarget>,
+    /// Resolves when pgrelay shuts down; made once, polled in every turn of the main loop.
+    shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 /// A commit whose reply waits until enough followers applied its position.
@@ -230,6 +234,7 @@ impl Session {
     ) -> Self {
         let config = shared.config.clone();
         let consistency = config.routing.consistency;
+        let shared_shutdown = shared.shutdown.clone().cancelled_owned();
         Session {
             backends: config.nodes.iter().map(|_| None).collect(),
             config,
@@ -268,6 +273,8 @@ impl Session {
             last_node: None,
             inbox: VecDeque::new(),
             cancel_slot,
+            cancel_target: None,
+            shutdown: Box::pin(shared_shutdown),
         }
     }
 
@@ -420,7 +427,7 @@ impl Session {
                         }
                     }
                 }
-                _ = self.shared.shutdown.cancelled() => {
+                _ = &mut self.shutdown => {
                     let message = "terminating connection because pgrelay is shutting down";
                     Report::fatal(sqlstate::ADMIN_SHUTDOWN, message).write_error(&mut self.client.wbuf);
                     return Err(SessionEnd::Fatal(message.to_owned()));

@@ -212,22 +212,16 @@ impl Session {
     /// Connects to the first eligible follower, keeping pipelined reads on the follower
     /// already answering them.
     async fn try_followers(&mut self, needs: ReadNeeds) -> Option<usize> {
-        let positions = self.shared.positions.clone();
-        let eligible = |s: &Session, node: usize| {
-            s.shared.nodes.is_up(node) && needs.satisfied_by(&positions.follower(node))
+        let shared = self.shared.clone();
+        let eligible = |node: usize| {
+            shared.nodes.is_up(node) && needs.satisfied_by(&shared.positions.follower(node))
         };
-        let mut candidates: Vec<usize> = self
-            .busy_node()
-            .filter(|&b| eligible(self, b))
-            .into_iter()
-            .collect();
-        candidates.extend(
-            self.shared
-                .nodes
-                .followers_round_robin()
-                .filter(|&f| eligible(self, f)),
-        );
-        for node in candidates {
+        let busy = self.busy_node().filter(|&b| eligible(b));
+        let rest = shared
+            .nodes
+            .followers_round_robin()
+            .filter(|&f| eligible(f));
+        for node in busy.into_iter().chain(rest) {
             if self.connect(node).await.is_ok() {
                 return Some(node);
             }
