@@ -197,6 +197,8 @@ async fn watch_follower(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            // A read or a commit waits for this follower: poll now instead of at the next tick.
+            _ = positions.poll_requested(node) => {}
         }
         let polled = poller.poll().await;
         let state = match &polled {

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// An ordered replication position (WAL LSN in physical and row mode).
 pub type Position = u64;
@@ -66,6 +66,9 @@ pub struct Positions {
     acknowledged: AtomicU64,
     /// Bumped on every follower update, so a waiter can sleep until anything changed.
     changed: watch::Sender<u64>,
+    /// Node index -> a nudge for that follower's watcher to poll now rather than at its next
+    /// tick: a read or a commit is waiting for it.
+    poll_now: Vec<Notify>,
 }
 
 impl Positions {
@@ -83,6 +86,22 @@ impl Positions {
             leader: AtomicU64::new(0),
             acknowledged: AtomicU64::new(0),
             changed: watch::Sender::new(0),
+            poll_now: (0..nodes).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    /// Asks every follower watcher to poll at once.
+    pub fn request_poll(&self) {
+        for n in &self.poll_now {
+            n.notify_one();
+        }
+    }
+
+    /// Resolves when someone asked `node`'s watcher to poll now.
+    pub async fn poll_requested(&self, node: usize) {
+        match self.poll_now.get(node) {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
         }
     }
 
@@ -159,6 +178,8 @@ impl Positions {
                 if enough(self) {
                     return;
                 }
+                // While someone waits, the watchers poll without waiting for their tick.
+                self.request_poll();
                 if changes.changed().await.is_err() {
                     // The sender lives as long as `self`; unreachable in practice.
                     std::future::pending::<()>().await;
