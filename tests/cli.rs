@@ -99,6 +99,29 @@ fn alive(pid: i32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 }
 }
 
+/// Stops the demo as Ctrl-C would if the test fails before it does (and kills it if that does
+/// not work), so a failing test leaves nothing running.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(self.0.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 #[test]
 fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
     let dir = pgrelay::cluster::test_dir("demo");
@@ -106,6 +129,10 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
     let mut child = pgrelay()
         .args([
             "demo",
+            "--lag",
+            "200ms",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--followers",
             "1",
             "--listen",
@@ -118,6 +145,7 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let mut child = StopOnDrop(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -126,6 +154,8 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
     });
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut url = None;
+    let mut metrics_url = None;
+    let mut lagging = false;
     loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -133,11 +163,17 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
         if let Some(u) = line.split("psql \"").nth(1) {
             url = Some(u.trim_end_matches('"').to_owned());
         }
+        if let Some(u) = line.split("http://").nth(1) {
+            metrics_url = Some(u.trim().to_owned());
+        }
+        lagging |= line.contains("lagging 200ms on purpose");
         if line.contains("press Ctrl-C") {
             break;
         }
     }
     let url = url.expect("the demo prints a connection string");
+    assert!(lagging, "the demo says which follower lags");
+    let metrics_url = metrics_url.expect("the demo prints its metrics URL");
     assert!(
         url.starts_with(&format!("postgres://app:app@127.0.0.1:{port}/app")),
         "{url}"
@@ -162,6 +198,20 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
             .batch_execute("CREATE TABLE demo_t (id int); INSERT INTO demo_t VALUES (1)")
             .await
             .unwrap();
+        // The metrics endpoint it printed answers, with the follower's lag.
+        let (host, path) = metrics_url.split_once('/').unwrap();
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(format!("GET /{path} HTTP/1.1\r\nHost: demo\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        assert!(
+            body.contains("pgrelay_replication_lag_seconds{follower=\"follower1\"}"),
+            "{body}"
+        );
     });
     // The config it wrote is valid and names the servers it runs.
     let out = pgrelay()
@@ -180,8 +230,8 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
     let pids = postmaster_pids(&dir);
     assert_eq!(pids.len(), 2, "a leader and one follower");
     // SAFETY: sending SIGINT to our own child, as Ctrl-C would.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = child.wait().unwrap();
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status}");
     for pid in pids {
         assert!(

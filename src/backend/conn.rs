@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -321,14 +321,7 @@ impl BackendConn {
 
     /// Sends everything queued in `wbuf`.
     pub async fn flush(&mut self) -> io::Result<()> {
-        while self.wbuf.has_remaining() {
-            let n = self.stream.write(&self.wbuf).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.wbuf.advance(n);
-        }
-        Ok(())
+        self.stream.write_all_buf(&mut self.wbuf).await
     }
 
     /// Runs a query on an idle connection and returns the text values of its rows.

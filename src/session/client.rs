@@ -2,7 +2,7 @@
 
 use std::io;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -74,14 +74,7 @@ impl Client {
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {
-        while self.wbuf.has_remaining() {
-            let n = self.stream.write(&self.wbuf).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.wbuf.advance(n);
-        }
-        Ok(())
+        self.stream.write_all_buf(&mut self.wbuf).await
     }
 
     /// Writes single bytes during the startup phase (the answer to SSLRequest).

@@ -11,7 +11,7 @@ use crate::protocol::codec::Frame;
 use crate::protocol::frontend::{self as fe, tag};
 use crate::protocol::sqlstate;
 
-use crate::config::Ack;
+use crate::config::{Ack, Consistency};
 use crate::replication::physical::LEADER_POSITION_SQL;
 
 use super::overrides;
@@ -233,7 +233,8 @@ impl Session {
         let in_tx = self.pinned.is_some() || unit.begin.is_some();
         // The leader position a committed write reached is read right behind the commit, on
         // the same connection, so the client pays no extra round trip.
-        let capture = node == leader
+        let capture = self.tracks_positions()
+            && node == leader
             && unit.ends_group
             && ((unit.writes && !in_tx) || (unit.ends_tx && (self.tx_wrote || unit.writes)));
         let hold = capture && self.config.replication.ack != Ack::Async;
@@ -367,6 +368,14 @@ impl Session {
                 group.retry = Some(Box::new(unit));
             }
         }
+    }
+
+    /// Whether the positions of this session's writes are read. Not when everything goes to
+    /// the leader and commits are not acknowledged by followers: nobody would use them.
+    fn tracks_positions(&self) -> bool {
+        self.consistency != Consistency::Leader
+            || self.config.routing.consistency != Consistency::Leader
+            || self.config.replication.ack != Ack::Async
     }
 
     pub(super) async fn reload_classifier_now(&mut self) {

@@ -117,7 +117,6 @@ struct Group {
     /// back until a row or the result arrives, so that a retry does not repeat them.
     preamble: bytes::BytesMut,
     error: bool,
-    committed: bool,
     rolled_back: bool,
     /// Session changes to record if the group succeeds.
     changes: Vec<SessionChange>,

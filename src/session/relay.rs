@@ -2,16 +2,17 @@
 //! (transaction state, COPY mode, session changes, write positions, held commit replies), and
 //! what happens when a node connection fails.
 
-use tracing::{debug, warn};
-
-use crate::protocol::backend::{self as be, tag, Report, TxStatus};
-use crate::protocol::codec::Frame;
-use crate::protocol::sqlstate;
-
 use std::time::Instant;
 
+use tracing::{debug, warn};
+
 use crate::config::Ack;
-use crate::replication::positions::Position;
+use crate::protocol::backend::{self as be, tag, Report, TxStatus};
+use crate::protocol::codec::Frame;
+use crate::protocol::frontend as fe;
+use crate::protocol::sqlstate;
+use crate::replication::physical::LEADER_POSITION_SQL;
+use crate::replication::positions::{parse_lsn, Position};
 
 use super::state;
 use super::{AckWait, Group, Session, SessionEnd};
@@ -62,10 +63,7 @@ impl Session {
                     return Ok(());
                 }
                 if group.capture_when_ready {
-                    crate::protocol::frontend::query(
-                        &mut backend.conn.wbuf,
-                        crate::replication::physical::LEADER_POSITION_SQL,
-                    );
+                    fe::query(&mut backend.conn.wbuf, LEADER_POSITION_SQL);
                     backend.groups.push_back(Group {
                         capture: true,
                         ..Group::default()
@@ -113,7 +111,6 @@ impl Session {
             tag::COMMAND_COMPLETE => {
                 let body = frame.body();
                 match body.first() {
-                    Some(b'C') if body.starts_with(b"COMMIT\0") => group.committed = true,
                     Some(b'R') if body.starts_with(b"ROLLBACK\0") => group.rolled_back = true,
                     Some(b'C' | b'A' | b'D') if is_function_ddl(&body) => {
                         self.shared.classifiers.invalidate(&self.database);
@@ -132,8 +129,7 @@ impl Session {
                 return Ok(());
             }
             tag::DATA_ROW if group.capture => {
-                group.position =
-                    first_column(&frame.body()).and_then(crate::replication::positions::parse_lsn);
+                group.position = first_column(&frame.body()).and_then(parse_lsn);
             }
             tag::COPY_IN_RESPONSE if group.forward => {
                 self.copy_node = Some(node);
@@ -208,12 +204,7 @@ impl Session {
         };
         let message = format!(
             "pgrelay: the commit is durable on the leader, but only {applied} follower(s) applied it within {:?} ({wanted} required by ack = \"{}\")",
-            self.config.replication.ack_timeout,
-            match self.config.replication.ack {
-                Ack::Quorum(k) => format!("quorum:{k}"),
-                Ack::All => "all".to_owned(),
-                Ack::Async => "async".to_owned(),
-            }
+            self.config.replication.ack_timeout, self.config.replication.ack
         );
         warn!(
             position = wait.position,
