@@ -308,3 +308,28 @@ async fn temp_tables_and_listen_pin_the_session_to_the_leader() {
         .unwrap();
     assert!(!in_recovery(&client, "SELECT pg_is_in_recovery()").await);
 }
+
+#[tokio::test]
+async fn a_function_created_through_pgrelay_that_writes_runs_on_the_leader() {
+    let db = new_database("newfn").await;
+    let proxy = default_proxy().await;
+    let client = connect_proxy(proxy, &db).await;
+    // Load the database's (empty) function list first, so the new function must be picked up.
+    assert!(in_recovery(&client, "SELECT pg_is_in_recovery()").await);
+    client
+        .batch_execute(
+            "CREATE TABLE log (id serial, at timestamptz DEFAULT now());
+             CREATE FUNCTION note() RETURNS bigint LANGUAGE sql VOLATILE
+               AS 'INSERT INTO log DEFAULT VALUES; SELECT count(*) FROM log';",
+        )
+        .await
+        .unwrap();
+    for session in [&client, &connect_proxy(proxy, &db).await] {
+        let n: i64 = session
+            .query_one("SELECT note()", &[])
+            .await
+            .expect("a writing function runs on the leader")
+            .get(0);
+        assert!(n >= 1);
+    }
+}

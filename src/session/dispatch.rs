@@ -377,24 +377,6 @@ impl Session {
             || self.config.routing.consistency != Consistency::Leader
             || self.config.replication.ack != Ack::Async
     }
-
-    pub(super) async fn reload_classifier_now(&mut self) {
-        self.reload_classifier = false;
-        let leader = self.shared.nodes.leader();
-        // Only an idle leader connection can run pgrelay's own query without disturbing the client.
-        let Some(b) = self.backends.get_mut(leader).and_then(|b| b.take()) else {
-            return;
-        };
-        let mut b = b;
-        if b.groups.is_empty() && b.conn.wbuf.is_empty() {
-            self.load_classifier(&mut b.conn).await;
-        } else {
-            self.reload_classifier = true;
-        }
-        if let Some(slot) = self.backends.get_mut(leader) {
-            *slot = Some(b);
-        }
-    }
 }
 
 /// The class of anything pgrelay cannot prove to be a read.

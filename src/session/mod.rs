@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::pool::ConnKey;
-use crate::backend::BackendConn;
+use crate::backend::{BackendConn, ConnectError};
 use crate::config::{Ack, Config};
 use crate::protocol::backend::{self as be, Report, TxStatus};
 use crate::protocol::codec::Frame;
@@ -284,77 +284,86 @@ impl Session {
         let mut failures = Vec::new();
         let mut opened = None;
         // The leader if it answers; otherwise any follower, so reads keep working.
-        let followers: Vec<usize> = self.shared.nodes.followers().to_vec();
-        for node in std::iter::once(leader).chain(followers) {
-            if node != leader && !self.shared.nodes.is_up(node) {
-                continue;
-            }
-            match self
-                .shared
-                .pool
-                .checkout(&self.config, node, &self.key)
-                .await
-            {
-                Ok(conn) => {
-                    self.shared.nodes.mark_up(node);
-                    opened = Some(conn);
+        let shared = self.shared.clone();
+        let candidates = std::iter::once(leader).chain(
+            shared
+                .nodes
+                .followers()
+                .iter()
+                .copied()
+                .filter(|&f| shared.nodes.is_up(f)),
+        );
+        for node in candidates {
+            match self.connect(node).await {
+                Ok(()) => {
+                    opened = Some(node);
                     break;
                 }
-                Err(crate::backend::ConnectError::Refused { error, message, .. }) => {
+                Err(ConnectError::Refused { error, message, .. }) => {
                     // The node said no (unknown database, too many connections...): the
                     // client gets the node's own error.
                     self.client.wbuf.extend_from_slice(error.raw());
                     return Err(message);
                 }
-                Err(err) => {
-                    warn!(error = %err, "cannot open a connection");
-                    self.shared.nodes.mark_down(node);
-                    failures.push(err.to_string());
-                }
+                Err(err) => failures.push(err.to_string()),
             }
         }
-        let Some(mut conn) = opened else {
+        let Some(node) = opened else {
             let message = format!("no node is available: {}", failures.join("; "));
             Report::fatal(sqlstate::CONNECTION_FAILURE, &message)
                 .write_error(&mut self.client.wbuf);
             return Err(message);
         };
-        for (k, v) in &conn.params {
-            be::parameter_status(&mut self.client.wbuf, k, v);
+        if let Some(Some(b)) = self.backends.get(node) {
+            for (k, v) in &b.conn.params {
+                be::parameter_status(&mut self.client.wbuf, k, v);
+            }
         }
         be::backend_key_data(&mut self.client.wbuf, pid, secret);
-        if conn.node == leader {
-            self.load_classifier(&mut conn).await;
-        }
+        self.load_classifier().await;
         be::ready_for_query(&mut self.client.wbuf, TxStatus::Idle);
-        let node = conn.node;
-        self.install_backend(conn);
         self.client.flush().await.map_err(|e| e.to_string())?;
         debug!(node, "session started");
         Ok(())
     }
 
-    /// Loads the database's writing functions from the leader (cached across sessions).
-    async fn load_classifier(&mut self, leader: &mut BackendConn) {
+    /// Loads the database's writing functions (cached across sessions), from the leader when
+    /// no session loaded them yet. Needs an idle leader connection, so pgrelay's own query does
+    /// not disturb the client's; without one it tries again before a later unit.
+    pub(super) async fn load_classifier(&mut self) {
+        self.reload_classifier = false;
         self.classifier_generation = self.shared.classifiers.generation();
         if let Some(c) = self.shared.classifiers.get(&self.database) {
             self.classifier = c;
             return;
         }
-        match leader.simple_query(WRITING_FUNCTIONS_SQL).await {
-            Ok(rows) => {
-                let names = rows
-                    .into_iter()
-                    .filter_map(|r| r.into_iter().next().flatten());
-                let classifier = Arc::new(Classifier::new(names));
-                self.shared
-                    .classifiers
-                    .insert(&self.database, classifier.clone());
-                self.classifier = classifier;
+        let leader = self.shared.nodes.leader();
+        let Some(mut b) = self.backends.get_mut(leader).and_then(|b| b.take()) else {
+            // No leader connection yet (the session started on a follower): later.
+            self.reload_classifier = true;
+            return;
+        };
+        if b.groups.is_empty() && b.conn.wbuf.is_empty() {
+            match b.conn.simple_query(WRITING_FUNCTIONS_SQL).await {
+                Ok(rows) => {
+                    let names = rows
+                        .into_iter()
+                        .filter_map(|r| r.into_iter().next().flatten());
+                    let classifier = Arc::new(Classifier::new(names));
+                    self.shared
+                        .classifiers
+                        .insert(&self.database, classifier.clone());
+                    self.classifier = classifier;
+                }
+                Err(err) => {
+                    warn!(error = %err, "cannot load the database's functions; calls to user functions are treated as reads")
+                }
             }
-            Err(err) => {
-                warn!(error = %err, "cannot load the database's functions; calls to user functions are treated as reads")
-            }
+        } else {
+            self.reload_classifier = true;
+        }
+        if let Some(slot) = self.backends.get_mut(leader) {
+            *slot = Some(b);
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use crate::backend::ConnectError;
 use crate::config::Consistency;
 use crate::metrics::ReadReason;
 use crate::replication::positions::{FollowerState, Position};
@@ -112,7 +113,7 @@ impl Session {
     /// the client first are still in flight.
     pub(super) async fn dispatch_unit(&mut self) -> Result<Flow, SessionEnd> {
         if self.reload_classifier && self.pinned.is_none() && self.open_unit.is_none() {
-            self.reload_classifier_now().await;
+            self.load_classifier().await;
         }
         let decision = self.decide();
         if self.must_wait(decision) {
@@ -123,8 +124,8 @@ impl Session {
         let (node, reason) = match decision {
             Decision::Node(node, reason) => match self.connect(node).await {
                 Ok(()) => (node, reason),
-                Err(message) => {
-                    self.fail_unit(&message);
+                Err(err) => {
+                    self.fail_unit(&err.to_string());
                     return Ok(Flow::Continue);
                 }
             },
@@ -132,8 +133,8 @@ impl Session {
                 Some(node) => (node, reason),
                 None => {
                     let leader = self.shared.nodes.leader();
-                    if let Err(message) = self.connect(leader).await {
-                        self.fail_unit(&message);
+                    if let Err(err) = self.connect(leader).await {
+                        self.fail_unit(&err.to_string());
                         return Ok(Flow::Continue);
                     }
                     if needs.position.is_some() {
@@ -230,7 +231,7 @@ impl Session {
     }
 
     /// Makes sure the session has a connection to `node`.
-    pub(super) async fn connect(&mut self, node: usize) -> Result<(), String> {
+    pub(super) async fn connect(&mut self, node: usize) -> Result<(), ConnectError> {
         if self.backend_mut(node).is_some() {
             return Ok(());
         }
@@ -252,7 +253,7 @@ impl Session {
                 if !err.is_missing_database() {
                     self.shared.nodes.mark_down(node);
                 }
-                Err(err.to_string())
+                Err(err)
             }
         }
     }
