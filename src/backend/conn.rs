@@ -16,7 +16,7 @@ use crate::config::NodeConfig;
 use crate::protocol::auth::md5::md5_password;
 use crate::protocol::auth::scram::ScramClient;
 use crate::protocol::backend::{self as be, auth, tag};
-use crate::protocol::codec::{be_i32, decode_frame, Frame, Reader, MAX_MESSAGE};
+use crate::protocol::codec::{decode_frame, Frame, Reader, MAX_MESSAGE};
 use crate::protocol::frontend as fe;
 use crate::protocol::ProtocolError;
 
@@ -311,12 +311,10 @@ impl BackendConn {
         }
     }
 
-    /// Whether a whole message is already buffered (no I/O).
-    pub fn has_buffered_frame(&self) -> bool {
-        match self.rbuf.get(1..5).and_then(be_i32) {
-            Some(len) => len >= 4 && self.rbuf.len() > len as usize,
-            None => false,
-        }
+    /// The next whole message if it is already buffered (no I/O).
+    pub fn try_frame(&mut self) -> io::Result<Option<Frame>> {
+        decode_frame(&mut self.rbuf, MAX_MESSAGE)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     /// Sends everything queued in `wbuf`.

@@ -414,9 +414,9 @@ impl Session {
                 (node, result) = next_backend_frame(&mut self.backends) => {
                     match result {
                         Ok(frame) => {
-                            self.on_backend_message(node, frame).await?;
+                            self.on_backend_message(node, frame)?;
                             // Relay whatever else is already buffered before writing to the client.
-                            self.drain_buffered().await?;
+                            self.drain_buffered()?;
                         }
                         Err(err) => self.backend_lost(node, &err.to_string())?,
                     }
@@ -462,24 +462,21 @@ impl Session {
         }
     }
 
-    async fn drain_buffered(&mut self) -> Result<(), SessionEnd> {
-        loop {
-            let Some(node) = self
-                .backends
-                .iter()
-                .position(|b| b.as_ref().is_some_and(|b| b.conn.has_buffered_frame()))
-            else {
-                return Ok(());
-            };
-            let frame = match self.backends.get_mut(node).and_then(|b| b.as_mut()) {
-                Some(b) => b.conn.read_frame().await,
-                None => return Ok(()),
-            };
-            match frame {
-                Ok(frame) => self.on_backend_message(node, frame).await?,
-                Err(err) => self.backend_lost(node, &err.to_string())?,
+    /// Handles every whole message the node connections have already read, without I/O.
+    fn drain_buffered(&mut self) -> Result<(), SessionEnd> {
+        for node in 0..self.backends.len() {
+            while let Some(b) = self.backends.get_mut(node).and_then(|b| b.as_mut()) {
+                match b.conn.try_frame() {
+                    Ok(Some(frame)) => self.on_backend_message(node, frame)?,
+                    Ok(None) => break,
+                    Err(err) => {
+                        self.backend_lost(node, &err.to_string())?;
+                        break;
+                    }
+                }
             }
         }
+        Ok(())
     }
 
     async fn flush_backends(&mut self) -> Result<(), SessionEnd> {

@@ -20,7 +20,7 @@ use super::{AckWait, Group, Session, SessionEnd};
 impl Session {
     /// Handles one reply from a node: relays it or swallows it, and keeps track of transaction
     /// state, COPY mode and statements.
-    pub(super) async fn on_backend_message(
+    pub(super) fn on_backend_message(
         &mut self,
         node: usize,
         frame: Frame,
