@@ -245,6 +245,32 @@ async fn a_causal_token_carries_read_your_writes_to_another_connection() {
         .batch_execute("RESET pgrelay.consistency")
         .await
         .unwrap();
+    // The same with the extended protocol (as JDBC and most drivers send everything).
+    reader
+        .execute("SET pgrelay.consistency = 'leader'", &[])
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let port: i32 = reader
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(port, i32::from(env().leader.port));
+    }
+    reader
+        .execute("RESET pgrelay.consistency", &[])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        let port: i32 = reader
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        port != i32::from(env().leader.port)
+    })
+    .await;
     let hinted = connect_proxy(proxy, &db).await;
     for _ in 0..3 {
         let port: i32 = hinted

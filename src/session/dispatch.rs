@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::protocol::backend::{self as be, Report};
 use crate::protocol::codec::Frame;
@@ -53,10 +53,13 @@ impl Session {
                 let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
                 let name = parse.name.to_owned();
                 self.unit.read_only &= class.read_only;
+                let setting = overrides::parse_command(parse.query)
+                    .filter(|c| !matches!(c, overrides::Command::Show { .. }));
                 let statement = Arc::new(Statement {
                     id: self.next_statement_id,
                     parse: frame.raw().clone(),
                     class,
+                    setting,
                 });
                 self.next_statement_id += 1;
                 // A named statement that exists already makes the node fail the Parse (42P05);
@@ -75,6 +78,9 @@ impl Session {
                     fe::parse_bind(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
                 if let Some(s) = self.statements.get(bind.statement) {
                     let class = s.class;
+                    if let Some(setting) = &s.setting {
+                        self.unit.settings.push(setting.clone());
+                    }
                     self.unit.merge(class);
                 } else {
                     // Unknown statement: the node reports 26000, wherever it runs.
@@ -348,6 +354,13 @@ impl Session {
         }
         for (name, read_only) in unit.sql_prepares() {
             self.sql_prepared.insert(name.to_owned(), read_only);
+        }
+        for setting in &unit.settings {
+            if let Err(err) = self.apply_setting(setting) {
+                // The node accepted it as a placeholder; pgrelay cannot answer with an error
+                // in the middle of the extended protocol, so it says so in its log.
+                warn!(error = %err.message(), "ignored a pgrelay setting sent with the extended protocol");
+            }
         }
         if self.cancel_target != Some(target) {
             self.cancel_target = Some(target);

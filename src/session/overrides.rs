@@ -123,9 +123,80 @@ pub fn parse_hint(sql: &str) -> Option<Hint> {
     parse_consistency(value.trim()).map(Hint::Consistency)
 }
 
+/// Why pgrelay refused one of its own settings.
+pub struct SettingError {
+    code: crate::protocol::sqlstate::SqlState,
+    message: String,
+    hint: &'static str,
+}
+
+impl SettingError {
+    fn unknown(name: &str) -> Self {
+        SettingError {
+            code: sqlstate::UNDEFINED_OBJECT,
+            message: format!("unrecognized configuration parameter \"pgrelay.{name}\""),
+            hint: "pgrelay knows pgrelay.consistency, pgrelay.min_position and pgrelay.last_write_position",
+        }
+    }
+
+    fn invalid(name: &str, value: &str, hint: &'static str) -> Self {
+        SettingError {
+            code: sqlstate::INVALID_PARAMETER_VALUE,
+            message: format!("invalid value for parameter \"pgrelay.{name}\": \"{value}\""),
+            hint,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn write(&self, out: &mut bytes::BytesMut) {
+        Report::error(self.code, &self.message)
+            .with_hint(self.hint)
+            .write_error(out);
+    }
+}
+
 impl Session {
-    /// Answers a `SET`/`RESET`/`SHOW` of a `pgrelay.` setting itself, after the replies the
-    /// client is still waiting for. These settings are not transactional.
+    /// Applies a `SET` or `RESET` of a `pgrelay.` setting (a `SHOW` changes nothing). These
+    /// settings belong to pgrelay's session and are not transactional.
+    pub(super) fn apply_setting(&mut self, command: &Command) -> Result<(), SettingError> {
+        match command {
+            Command::Set { name, value } => match name.as_str() {
+                CONSISTENCY => {
+                    self.consistency = parse_consistency(value).ok_or_else(|| {
+                        SettingError::invalid(
+                            name,
+                            value,
+                            "Available values: eventual, session, global, leader.",
+                        )
+                    })?;
+                }
+                MIN_POSITION => {
+                    let position = parse_lsn(value).ok_or_else(|| {
+                        SettingError::invalid(
+                            name,
+                            value,
+                            "Use a token from SHOW pgrelay.last_write_position, like 0/16B3748.",
+                        )
+                    })?;
+                    self.min_position = Some(position);
+                }
+                other => return Err(SettingError::unknown(other)),
+            },
+            Command::Reset { name } => match name.as_str() {
+                CONSISTENCY => self.consistency = self.config.routing.consistency,
+                MIN_POSITION => self.min_position = None,
+                other => return Err(SettingError::unknown(other)),
+            },
+            Command::Show { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Answers a `SET`/`RESET`/`SHOW` of a `pgrelay.` setting sent as a simple query itself,
+    /// after the replies the client is still waiting for.
     pub(super) fn answer_command(
         &mut self,
         frame: Frame,
@@ -134,75 +205,26 @@ impl Session {
         if self.busy_node().is_some() || self.holding || self.captures_in_flight > 0 {
             return Ok(Flow::Wait(frame));
         }
-        let out = &mut self.client.wbuf;
-        let unknown = |out: &mut bytes::BytesMut, name: &str| {
-            Report::error(
-                sqlstate::UNDEFINED_OBJECT,
-                &format!("unrecognized configuration parameter \"pgrelay.{name}\""),
-            )
-            .with_hint("pgrelay knows pgrelay.consistency, pgrelay.min_position and pgrelay.last_write_position")
-            .write_error(out);
+        let result = match &command {
+            Command::Show { name } => match name.as_str() {
+                CONSISTENCY => Ok(Some(self.consistency.name().to_owned())),
+                MIN_POSITION => Ok(Some(self.min_position.map(format_lsn).unwrap_or_default())),
+                LAST_WRITE_POSITION => Ok(Some(format_lsn(self.last_write.unwrap_or(0)))),
+                other => Err(SettingError::unknown(other)),
+            },
+            other => self.apply_setting(other).map(|()| None),
         };
-        match command {
-            Command::Set { name, value } => match name.as_str() {
-                CONSISTENCY => match parse_consistency(&value) {
-                    Some(c) => {
-                        self.consistency = c;
-                        be::command_complete(out, "SET");
-                    }
-                    None => Report::error(
-                        sqlstate::INVALID_PARAMETER_VALUE,
-                        &format!(
-                            "invalid value for parameter \"pgrelay.consistency\": \"{value}\""
-                        ),
-                    )
-                    .with_hint("Available values: eventual, session, global, leader.")
-                    .write_error(out),
-                },
-                MIN_POSITION => match parse_lsn(&value) {
-                    Some(p) => {
-                        self.min_position = Some(p);
-                        be::command_complete(out, "SET");
-                    }
-                    None => Report::error(
-                        sqlstate::INVALID_PARAMETER_VALUE,
-                        &format!(
-                            "invalid value for parameter \"pgrelay.min_position\": \"{value}\""
-                        ),
-                    )
-                    .with_hint("Use a token from SHOW pgrelay.last_write_position, like 0/16B3748.")
-                    .write_error(out),
-                },
-                other => unknown(out, other),
-            },
-            Command::Reset { name } => match name.as_str() {
-                CONSISTENCY => {
-                    self.consistency = self.config.routing.consistency;
-                    be::command_complete(out, "RESET");
-                }
-                MIN_POSITION => {
-                    self.min_position = None;
-                    be::command_complete(out, "RESET");
-                }
-                other => unknown(out, other),
-            },
-            Command::Show { name } => {
-                let value = match name.as_str() {
-                    CONSISTENCY => Some(self.consistency.name().to_owned()),
-                    MIN_POSITION => Some(self.min_position.map(format_lsn).unwrap_or_default()),
-                    LAST_WRITE_POSITION => Some(format_lsn(self.last_write.unwrap_or(0))),
-                    _ => None,
-                };
-                match value {
-                    Some(v) => {
-                        let column = format!("pgrelay.{name}");
-                        be::row_description(out, &[column.as_str()]);
-                        be::data_row(out, &[Some(v.as_str())]);
-                        be::command_complete(out, "SHOW");
-                    }
-                    None => unknown(out, &name),
-                }
+        let out = &mut self.client.wbuf;
+        match (result, &command) {
+            (Err(err), _) => err.write(out),
+            (Ok(Some(value)), Command::Show { name }) => {
+                let column = format!("pgrelay.{name}");
+                be::row_description(out, &[column.as_str()]);
+                be::data_row(out, &[Some(value.as_str())]);
+                be::command_complete(out, "SHOW");
             }
+            (Ok(_), Command::Reset { .. }) => be::command_complete(out, "RESET"),
+            (Ok(_), _) => be::command_complete(out, "SET"),
         }
         be::ready_for_query(out, self.tx_status);
         Ok(Flow::Continue)

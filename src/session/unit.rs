@@ -57,6 +57,9 @@ pub struct Statement {
     /// The client's Parse message, as sent.
     pub parse: Bytes,
     pub class: StatementClass,
+    /// A `SET`/`RESET pgrelay.*` prepared with the extended protocol: pgrelay applies it when
+    /// it runs (the node also runs it, as a harmless placeholder setting).
+    pub setting: Option<super::overrides::Command>,
 }
 
 /// Client messages collected for one routing decision.
@@ -80,6 +83,8 @@ pub struct Unit {
     pub parses: Vec<(String, Arc<Statement>)>,
     /// Statements the unit closes.
     pub closes: Vec<String>,
+    /// pgrelay settings the unit's statements change.
+    pub settings: Vec<super::overrides::Command>,
     /// The unit ends with a message that makes the node send ReadyForQuery.
     pub ends_group: bool,
     /// The unit ends with Sync (extended protocol) rather than Query or FunctionCall.
@@ -101,6 +106,7 @@ impl Default for Unit {
             needs: Vec::new(),
             parses: Vec::new(),
             closes: Vec::new(),
+            settings: Vec::new(),
             ends_group: false,
             ends_with_sync: false,
         }
