@@ -443,3 +443,89 @@ async fn flush_before_sync_gets_replies_and_prepares_where_needed() {
     }
     assert_eq!(ports.len(), 2, "both followers ran the statement");
 }
+
+#[tokio::test]
+async fn a_long_pipeline_without_sync_streams_instead_of_piling_up() {
+    use bytes::BufMut;
+    use pgrelay::protocol::codec::Frame;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = new_database("bigpipe").await;
+    let proxy = default_proxy().await;
+    let mut raw = common::raw::Raw::login(proxy, &db).await;
+    let parse = {
+        let mut b = bytes::BytesMut::new();
+        b.put_slice(b"big\0SELECT repeat('x', 100)\0");
+        b.put_i16(0);
+        Frame::new(b'P', &b).into_raw()
+    };
+    raw.send(&[parse, Frame::new(b'S', b"").into_raw()].concat())
+        .await;
+    assert_eq!(reply_tags(&mut raw, b'Z').await, "1Z");
+    // 2 MiB of Bind + Execute and no Sync: Postgres answers as messages arrive, so must pgrelay.
+    let mut batch = bytes::BytesMut::new();
+    let bind = {
+        let mut b = bytes::BytesMut::new();
+        b.put_slice(b"\0big\0");
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+        Frame::new(b'B', &b).into_raw()
+    };
+    let execute = Frame::new(b'E', b"\0\0\0\0\0").into_raw();
+    while batch.len() < 2 << 20 {
+        batch.put_slice(&bind);
+        batch.put_slice(&execute);
+    }
+    let pairs = batch.len() / (bind.len() + execute.len());
+    let (mut reader, mut writer) = raw.stream.into_split();
+    let write = tokio::spawn(async move {
+        writer.write_all(&batch).await.unwrap();
+        writer
+    });
+    // Rows arrive while the client has not sent a Sync.
+    let mut rest = bytes::BytesMut::new();
+    let (mut completes, mut rows, mut ready) = (0usize, 0usize, false);
+    let read_some =
+        |rest: &mut bytes::BytesMut, completes: &mut usize, rows: &mut usize, ready: &mut bool| {
+            while let Some(f) = pgrelay::protocol::codec::decode_frame(rest, 1 << 30).unwrap() {
+                match f.tag() {
+                    b'C' => *completes += 1,
+                    b'D' => *rows += 1,
+                    b'Z' => *ready = true,
+                    b'E' => panic!("error: {f:?}"),
+                    _ => {}
+                }
+            }
+        };
+    while rows == 0 {
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            reader.read_buf(&mut rest),
+        )
+        .await
+        .expect("rows arrive before the Sync")
+        .unwrap();
+        assert!(n > 0, "connection closed");
+        read_some(&mut rest, &mut completes, &mut rows, &mut ready);
+    }
+    assert!(!ready);
+    // Then the Sync ends it; every Execute was answered.
+    let mut writer = write.await.unwrap();
+    writer
+        .write_all(&Frame::new(b'S', b"").into_raw())
+        .await
+        .unwrap();
+    while !ready {
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            reader.read_buf(&mut rest),
+        )
+        .await
+        .expect("the pipeline finishes")
+        .unwrap();
+        assert!(n > 0, "connection closed");
+        read_some(&mut rest, &mut completes, &mut rows, &mut ready);
+    }
+    assert_eq!(completes, pairs, "every Execute got its CommandComplete");
+    assert_eq!(rows, pairs);
+}

@@ -69,8 +69,7 @@ impl Session {
                     self.unit.parses.retain(|(n, _)| *n != name);
                     self.unit.parses.push((name, statement));
                 }
-                self.unit.frames.push(frame);
-                Ok(Flow::Continue)
+                self.collect(frame).await
             }
             tag::BIND => {
                 let body = frame.body();
@@ -88,8 +87,7 @@ impl Session {
                 }
                 let name = bind.statement.to_owned();
                 self.unit.uses(&name);
-                self.unit.frames.push(frame);
-                Ok(Flow::Continue)
+                self.collect(frame).await
             }
             tag::DESCRIBE => {
                 let body = frame.body();
@@ -101,8 +99,7 @@ impl Session {
                     let name = name.to_owned();
                     self.unit.uses(&name);
                 }
-                self.unit.frames.push(frame);
-                Ok(Flow::Continue)
+                self.collect(frame).await
             }
             tag::CLOSE => {
                 let body = frame.body();
@@ -114,14 +111,12 @@ impl Session {
                     self.unit.parses.retain(|(n, _)| *n != name);
                     self.unit.closes.push(name);
                 }
-                self.unit.frames.push(frame);
-                Ok(Flow::Continue)
+                self.collect(frame).await
             }
             tag::EXECUTE => {
                 fe::parse_execute(&frame.body())
                     .map_err(|e| self.protocol_violation(e.to_string()))?;
-                self.unit.frames.push(frame);
-                Ok(Flow::Continue)
+                self.collect(frame).await
             }
             tag::SYNC => {
                 if self.discard_until_sync {
@@ -174,6 +169,18 @@ impl Session {
         }
     }
 
+    /// Adds an extended-protocol message to the unit. A unit that grows past
+    /// [`UNIT_BUFFER_LIMIT`] without a Sync is sent on as if the client had flushed: Postgres
+    /// processes messages as they arrive, and a client must not make pgrelay buffer without bound.
+    async fn collect(&mut self, frame: Frame) -> Result<Flow, SessionEnd> {
+        self.unit.bytes += frame.raw().len();
+        self.unit.frames.push(frame);
+        if self.unit.bytes > UNIT_BUFFER_LIMIT {
+            return self.dispatch_unit().await;
+        }
+        Ok(Flow::Continue)
+    }
+
     fn protocol_violation(&mut self, message: String) -> SessionEnd {
         Report::fatal(sqlstate::PROTOCOL_VIOLATION, &message).write_error(&mut self.client.wbuf);
         SessionEnd::Fatal(message)
@@ -200,6 +207,7 @@ impl Session {
     pub(super) fn wait_for_last_frame(&mut self) -> Flow {
         match self.unit.frames.pop() {
             Some(frame) => {
+                self.unit.bytes = self.unit.bytes.saturating_sub(frame.raw().len());
                 if frame.tag() == tag::SYNC
                     || frame.tag() == tag::QUERY
                     || frame.tag() == tag::FUNCTION_CALL
@@ -391,6 +399,9 @@ impl Session {
             || self.config.replication.ack != Ack::Async
     }
 }
+
+/// How many bytes of one unit pgrelay collects before it sends them on without the Sync.
+const UNIT_BUFFER_LIMIT: usize = 1 << 20;
 
 /// The class of anything pgrelay cannot prove to be a read.
 const WRITE: StatementClass = StatementClass {

@@ -66,6 +66,8 @@ pub struct Statement {
 #[derive(Debug, Clone)]
 pub struct Unit {
     pub frames: Vec<Frame>,
+    /// Bytes of extended-protocol messages in `frames`.
+    pub bytes: usize,
     pub read_only: bool,
     pub writes: bool,
     pub pins_leader: bool,
@@ -95,6 +97,7 @@ impl Default for Unit {
     fn default() -> Self {
         Unit {
             frames: Vec::new(),
+            bytes: 0,
             read_only: true,
             writes: false,
             pins_leader: false,
