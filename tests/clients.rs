@@ -212,27 +212,18 @@ async fn copy_in_and_out_with_the_driver() {
 async fn listen_notify_reaches_the_listener() {
     let db = new_database("notify").await;
     let proxy = default_proxy().await;
-    let (listener, mut conn) =
-        tokio_postgres::connect(&proxy_conn_string(proxy, &db), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = m {
-                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
-            }
-        }
-    });
+    let (listener, mut rx) = connect_proxy_with_messages(proxy, &db).await;
     listener.batch_execute("LISTEN jobs").await.unwrap();
     let sender = connect_proxy(proxy, &db).await;
     sender.batch_execute("NOTIFY jobs, 'hello'").await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+    let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("notification within 10 s")
         .unwrap();
-    assert_eq!(got, ("jobs".to_owned(), "hello".to_owned()));
+    let AsyncMessage::Notification(n) = message else {
+        panic!("expected a notification, got {message:?}");
+    };
+    assert_eq!((n.channel(), n.payload()), ("jobs", "hello"));
 }
 
 #[tokio::test]

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use pgrelay::cluster::{self, LocalCluster, NodeInfo};
 use tokio_postgres::AsyncMessage;
 
@@ -319,27 +318,19 @@ async fn ack_all_times_out_with_a_warning_when_a_follower_lags() {
     let db = database("ackall").await;
     let (proxy, metrics) =
         lag_proxy("[replication]\nack = \"all\"\nack_timeout = \"100ms\"\n").await;
-    let (client, mut conn) =
-        tokio_postgres::connect(&proxy_conn_string(proxy, &db), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            if let AsyncMessage::Notice(n) = m {
-                let _ = tx.send((n.code().code().to_owned(), n.message().to_owned()));
-            }
-        }
-    });
+    let (client, mut rx) = connect_proxy_with_messages(proxy, &db).await;
     client
         .execute("INSERT INTO t VALUES (1, 'a')", &[])
         .await
         .unwrap();
-    let (code, message) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+    let notice = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .unwrap()
         .unwrap();
+    let AsyncMessage::Notice(notice) = notice else {
+        panic!("expected a notice, got {notice:?}");
+    };
+    let (code, message) = (notice.code().code().to_owned(), notice.message().to_owned());
     assert_eq!(code, "01000");
     assert!(
         message.contains("only 1 follower(s) applied it"),

@@ -344,3 +344,27 @@ pub fn error_message(err: &tokio_postgres::Error) -> String {
         .map(|e| e.message().to_owned())
         .unwrap_or_else(|| err.to_string())
 }
+
+/// A tokio-postgres client through pgrelay whose asynchronous messages (notices,
+/// notifications) arrive on the returned channel.
+pub async fn connect_proxy_with_messages(
+    addr: SocketAddr,
+    db: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut conn) =
+        tokio_postgres::connect(&proxy_conn_string(addr, db), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    (client, rx)
+}
