@@ -5,6 +5,7 @@ pub mod auth;
 pub mod backend;
 pub mod codec;
 pub mod frontend;
+pub mod replication;
 pub mod sqlstate;
 
 /// What can be wrong with bytes a peer sent.
