@@ -5,6 +5,7 @@ pub mod auth;
 pub mod backend;
 pub mod codec;
 pub mod frontend;
+pub mod pgoutput;
 pub mod replication;
 pub mod sqlstate;
 
