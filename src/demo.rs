@@ -48,9 +48,19 @@ pub const DEMO_SUPERUSER: &str = "pgrelay";
 
 /// Starts the demo and serves until Ctrl-C or SIGTERM; then stops pgrelay and the servers.
 pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
-    if opts.mode != ReplicationMode::Physical {
+    if opts.mode == ReplicationMode::Statement {
         return Err(DemoError::ModeNotAvailable(opts.mode.name()));
     }
+    if opts.mode == ReplicationMode::Row && opts.lag.is_some() {
+        return Err(DemoError::Setup(
+            "--lag delays a streaming standby's replay, so it needs --mode physical".to_owned(),
+        ));
+    }
+    let follower_kind = match opts.mode {
+        ReplicationMode::Physical => FollowerKind::Standby,
+        // Empty writable servers: pgrelay copies the leader onto them and applies changes.
+        _ => FollowerKind::Empty,
+    };
     let dir = match &opts.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("pgrelay-demo-{}", std::process::id())),
@@ -66,7 +76,7 @@ pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
         followers: opts.followers,
         superuser: DEMO_SUPERUSER.to_owned(),
         password: superuser_password.clone(),
-        follower_kind: FollowerKind::Standby,
+        follower_kind,
         extra_conf: Vec::new(),
         remove_dir_on_drop: false,
     })?;
@@ -99,7 +109,7 @@ pub fn demo_config_text(
         .unwrap_or_default();
     let mut text = format!(
         "# Written by `pgrelay demo`; run it again with `pgrelay run --config <this file>`.\n\
-         [proxy]\nlisten = \"{}\"\n\n[replication]\nmode = \"{}\"\n\n[routing]\nconsistency = \"session\"\n\n\
+         [proxy]\nlisten = \"{}\"\n\n[replication]\nmode = \"{}\"\nuser = \"{DEMO_SUPERUSER}\"\n\n[routing]\nconsistency = \"session\"\n\n\
          [metrics]\nlisten = \"{metrics}\"\n\n",
         opts.listen,
         opts.mode.name()
@@ -128,18 +138,22 @@ async fn serve(
     superuser_password: &str,
 ) -> Result<(), DemoError> {
     let leader = cluster.leader();
-    create_demo_database(
-        &NodeConfig {
-            name: leader.name.clone(),
-            role: Role::Leader,
-            host: leader.host.clone(),
-            port: leader.port,
-        },
-        superuser_password,
-    )
-    .await?;
+    let node_config = |n: &crate::cluster::NodeInfo, role| NodeConfig {
+        name: n.name.clone(),
+        role,
+        host: n.host.clone(),
+        port: n.port,
+    };
+    create_demo_database(&node_config(leader, Role::Leader), superuser_password, true).await?;
     for f in cluster.followers() {
-        wait_for_database(f, superuser_password).await?;
+        if opts.mode == ReplicationMode::Physical {
+            wait_for_database(f, superuser_password).await?;
+        } else {
+            // Roles live outside databases: row mode copies databases, so the application's
+            // role is created on each follower too. pgrelay copies the database itself.
+            create_demo_database(&node_config(f, Role::Follower), superuser_password, false)
+                .await?;
+        }
     }
     let text = demo_config_text(opts, cluster, superuser_password);
     let config_path = dir.join("pgrelay.toml");
@@ -155,10 +169,11 @@ async fn serve(
             Some(lag) if i == 0 => format!(", lagging {lag:?} on purpose"),
             _ => String::new(),
         };
-        println!(
-            "  {:<10} {}:{} (streaming standby{lag})",
-            f.name, f.host, f.port
-        );
+        let kind = match opts.mode {
+            ReplicationMode::Physical => "streaming standby",
+            _ => "writable follower, filled by pgrelay",
+        };
+        println!("  {:<10} {}:{} ({kind}{lag})", f.name, f.host, f.port);
     }
     println!("  config     {}", config_path.display());
     if let Some(addr) = server.metrics_addr() {
@@ -181,6 +196,7 @@ async fn serve(
 async fn create_demo_database(
     leader: &NodeConfig,
     superuser_password: &str,
+    with_database: bool,
 ) -> Result<(), DemoError> {
     let params = vec![("database".to_owned(), "postgres".to_owned())];
     let mut conn = BackendConn::connect(
@@ -212,7 +228,7 @@ async fn create_demo_database(
         ))
         .await
         .map_err(DemoError::Setup)?;
-    if exists.is_empty() {
+    if exists.is_empty() && with_database {
         conn.simple_query(&format!(
             "CREATE DATABASE {DEMO_DATABASE} OWNER {DEMO_USER}"
         ))

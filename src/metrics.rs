@@ -28,6 +28,11 @@ pub const RYW_WAIT_SECONDS: &str = "pgrelay_ryw_wait_seconds";
 pub const ACK_WAIT_SECONDS: &str = "pgrelay_ack_wait_seconds";
 pub const ACK_TIMEOUTS_TOTAL: &str = "pgrelay_ack_timeouts_total";
 pub const CLIENT_CONNECTIONS: &str = "pgrelay_client_connections";
+pub const APPLY_TRANSACTIONS_TOTAL: &str = "pgrelay_apply_transactions_total";
+pub const APPLY_ROWS_TOTAL: &str = "pgrelay_apply_rows_total";
+pub const APPLY_ERRORS_TOTAL: &str = "pgrelay_apply_errors_total";
+pub const SLOT_RETAINED_BYTES: &str = "pgrelay_slot_retained_bytes";
+pub const BOOTSTRAP_ROWS_TOTAL: &str = "pgrelay_bootstrap_rows_total";
 
 /// Why a read went where it went (the `reason` label of `pgrelay_reads_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,12 +69,26 @@ impl ReadReason {
     }
 }
 
-/// Per-follower gauges.
+/// Per-follower gauges and counters (handles: clones update the same series).
+#[derive(Clone)]
 pub struct FollowerMetrics {
     pub lag_seconds: Gauge,
     pub lag_bytes: Gauge,
     pub up: Gauge,
     pub applied_position: Gauge,
+    /// Row mode: leader transactions applied on this follower.
+    pub apply_transactions: Counter,
+    /// Row mode: rows applied, by operation.
+    pub apply_inserts: Counter,
+    pub apply_updates: Counter,
+    pub apply_deletes: Counter,
+    pub apply_truncates: Counter,
+    /// Row mode: times applying on this follower failed (it stops and is retried).
+    pub apply_errors: Counter,
+    /// Row mode: WAL the leader keeps for this follower's slots.
+    pub slot_retained_bytes: Gauge,
+    /// Rows copied by bootstraps of this follower.
+    pub bootstrap_rows: Counter,
 }
 
 /// Every metric pgrelay exports, registered once.
@@ -113,11 +132,25 @@ impl Metrics {
             .map(|n| {
                 (n.role == Role::Follower).then(|| {
                     let l = || vec![Label::new("follower", n.name.clone())];
+                    let op = |name: &'static str, op: &'static str| {
+                        counter(
+                            name,
+                            vec![Label::new("follower", n.name.clone()), Label::new("op", op)],
+                        )
+                    };
                     FollowerMetrics {
                         lag_seconds: gauge(REPLICATION_LAG_SECONDS, l()),
                         lag_bytes: gauge(REPLICATION_LAG_BYTES, l()),
                         up: gauge(FOLLOWER_UP, l()),
                         applied_position: gauge(FOLLOWER_APPLIED_POSITION, l()),
+                        apply_transactions: counter(APPLY_TRANSACTIONS_TOTAL, l()),
+                        apply_inserts: op(APPLY_ROWS_TOTAL, "insert"),
+                        apply_updates: op(APPLY_ROWS_TOTAL, "update"),
+                        apply_deletes: op(APPLY_ROWS_TOTAL, "delete"),
+                        apply_truncates: op(APPLY_ROWS_TOTAL, "truncate"),
+                        apply_errors: counter(APPLY_ERRORS_TOTAL, l()),
+                        slot_retained_bytes: gauge(SLOT_RETAINED_BYTES, l()),
+                        bootstrap_rows: counter(BOOTSTRAP_ROWS_TOTAL, l()),
                     }
                 })
             })

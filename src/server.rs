@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::backend::Pool;
-use crate::config::Config;
+use crate::config::{Config, ReplicationMode};
 use crate::metrics::{self, Metrics};
 use crate::protocol::frontend as fe;
 use crate::replication::{physical, positions::Positions};
@@ -181,13 +181,22 @@ impl Server {
         // Position watchers and the metrics endpoint outlive the sessions, which use them.
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
-        physical::spawn(
-            shared.config.clone(),
-            shared.positions.clone(),
-            shared.metrics.clone(),
-            &background,
-            stop_background.clone(),
-        );
+        match shared.config.replication.mode {
+            ReplicationMode::Row => crate::replication::row::spawn(
+                shared.config.clone(),
+                shared.positions.clone(),
+                shared.metrics.clone(),
+                &background,
+                stop_background.clone(),
+            ),
+            ReplicationMode::Physical | ReplicationMode::Statement => physical::spawn(
+                shared.config.clone(),
+                shared.positions.clone(),
+                shared.metrics.clone(),
+                &background,
+                stop_background.clone(),
+            ),
+        }
         if let Some(listener) = self.metrics_listener {
             info!(listen = ?listener.local_addr().ok(), "serving metrics");
             background.spawn(metrics::serve(

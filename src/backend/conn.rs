@@ -63,6 +63,41 @@ impl ConnectError {
     }
 }
 
+/// A query of pgrelay's own that failed: the node's SQLSTATE (empty when the connection
+/// failed) and message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct QueryError {
+    pub code: String,
+    pub message: String,
+}
+
+impl QueryError {
+    fn io(e: io::Error) -> QueryError {
+        QueryError {
+            code: String::new(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The text values of one DataRow (NULL as None).
+pub fn data_row_text(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
+    let mut r = Reader::new(body, "DataRow");
+    let n = r.count16()?;
+    let mut row = Vec::with_capacity(n.min(r.remaining() / 4 + 1));
+    for _ in 0..n {
+        let len = r.i32()?;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let v = r.bytes(len as usize)?;
+            row.push(Some(String::from_utf8_lossy(v).into_owned()));
+        }
+    }
+    Ok(row)
+}
+
 /// An open, authenticated connection to a node.
 pub struct BackendConn {
     /// Index of the node in the config's node list.
@@ -325,35 +360,29 @@ impl BackendConn {
     /// Runs a query on an idle connection and returns the text values of its rows.
     /// Only for pgrelay's own queries (never client traffic).
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        self.query(sql).await.map_err(|e| e.message)
+    }
+
+    /// Like [`BackendConn::simple_query`], with the SQLSTATE of a failure.
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, QueryError> {
         fe::query(&mut self.wbuf, sql);
-        self.flush().await.map_err(|e| e.to_string())?;
+        self.flush().await.map_err(QueryError::io)?;
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            let frame = self.read_frame().await.map_err(|e| e.to_string())?;
+            let frame = self.read_frame().await.map_err(QueryError::io)?;
             let body = frame.body();
             match frame.tag() {
-                b'D' => {
-                    let mut r = Reader::new(&body, "DataRow");
-                    let n = r.count16().map_err(|e| e.to_string())?;
-                    let mut row = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        let len = r.i32().map_err(|e| e.to_string())?;
-                        if len < 0 {
-                            row.push(None);
-                        } else {
-                            let v = r.bytes(len as usize).map_err(|e| e.to_string())?;
-                            row.push(Some(String::from_utf8_lossy(v).into_owned()));
-                        }
-                    }
-                    rows.push(row);
-                }
+                b'D' => rows.push(data_row_text(&body).map_err(|e| QueryError {
+                    code: String::new(),
+                    message: e.to_string(),
+                })?),
                 tag::ERROR_RESPONSE => {
-                    error = Some(
-                        be::parse_error_fields(&body)
-                            .map(|f| f.message)
-                            .unwrap_or_default(),
-                    );
+                    let f = be::parse_error_fields(&body).unwrap_or_default();
+                    error = Some(QueryError {
+                        code: f.code,
+                        message: f.message,
+                    });
                 }
                 tag::READY_FOR_QUERY => break,
                 _ => {}

@@ -197,6 +197,13 @@ pub struct ReplicationConfig {
     pub user: String,
     /// The database those connections use.
     pub database: String,
+    /// Row and statement mode: the databases pgrelay replicates; empty means every database
+    /// of the leader that accepts connections (except templates), found again as they appear.
+    pub databases: Vec<String>,
+    /// Row and statement mode: how many tables a follower's bootstrap copies at once.
+    pub bootstrap_workers: usize,
+    /// Where `pg_dump` and `psql` are (None: found like the server binaries).
+    pub pg_bin_dir: Option<std::path::PathBuf>,
 }
 
 /// Which node may serve a read (see README, "Consistency").
@@ -310,6 +317,13 @@ impl Config {
                 poll_interval: Some(fmt_duration(self.replication.poll_interval)),
                 user: Some(self.replication.user.clone()),
                 database: Some(self.replication.database.clone()),
+                databases: Some(self.replication.databases.clone()),
+                bootstrap_workers: Some(self.replication.bootstrap_workers),
+                pg_bin_dir: self
+                    .replication
+                    .pg_bin_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
             },
             routing: RawRouting {
                 consistency: Some(self.routing.consistency.name().into()),
@@ -512,7 +526,23 @@ impl TryFrom<RawConfig> for Config {
                 .database
                 .clone()
                 .unwrap_or_else(|| "postgres".to_owned()),
+            databases: raw.replication.databases.clone().unwrap_or_default(),
+            bootstrap_workers: raw.replication.bootstrap_workers.unwrap_or(2),
+            pg_bin_dir: raw
+                .replication
+                .pg_bin_dir
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .map(std::path::PathBuf::from),
         };
+        if replication.bootstrap_workers == 0 {
+            return Err(invalid("replication.bootstrap_workers must be at least 1"));
+        }
+        if let Some(db) = replication.databases.iter().find(|d| d.is_empty()) {
+            return Err(invalid(format!(
+                "replication.databases contains an empty name ({db:?})"
+            )));
+        }
         if replication.poll_interval.is_zero() {
             return Err(invalid("replication.poll_interval must be more than 0"));
         }

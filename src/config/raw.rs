@@ -59,6 +59,9 @@ pub struct RawReplication {
     pub poll_interval: Option<String>,
     pub user: Option<String>,
     pub database: Option<String>,
+    pub databases: Option<Vec<String>>,
+    pub bootstrap_workers: Option<usize>,
+    pub pg_bin_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

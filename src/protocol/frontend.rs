@@ -194,6 +194,58 @@ pub fn close_statement(out: &mut BytesMut, name: &str) {
     });
 }
 
+/// Parse with the given parameter types (0: let the server infer).
+pub fn parse(out: &mut BytesMut, name: &str, sql: &str, param_types: &[u32]) {
+    write_message(out, tag::PARSE, |b| {
+        put_cstr(b, name.as_bytes());
+        put_cstr(b, sql.as_bytes());
+        b.put_i16(i16::try_from(param_types.len()).unwrap_or(i16::MAX));
+        for t in param_types {
+            b.put_u32(*t);
+        }
+    });
+}
+
+/// Bind of text-format parameters (None: NULL) to the unnamed portal; results in text.
+pub fn bind_text<'a>(
+    out: &mut BytesMut,
+    statement: &str,
+    params: impl ExactSizeIterator<Item = Option<&'a [u8]>>,
+) {
+    write_message(out, tag::BIND, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, statement.as_bytes());
+        b.put_i16(0);
+        b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    b.put_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+}
+
+/// Execute of the unnamed portal, all rows.
+pub fn execute(out: &mut BytesMut) {
+    write_message(out, tag::EXECUTE, |b| {
+        put_cstr(b, b"");
+        b.put_i32(0);
+    });
+}
+
+pub fn copy_done(out: &mut BytesMut) {
+    write_message(out, tag::COPY_DONE, |_| {});
+}
+
+pub fn copy_fail(out: &mut BytesMut, reason: &str) {
+    write_message(out, tag::COPY_FAIL, |b| put_cstr(b, reason.as_bytes()));
+}
+
 pub fn password(out: &mut BytesMut, password: &[u8]) {
     write_message(out, tag::PASSWORD, |b| put_cstr(b, password));
 }

@@ -5,6 +5,9 @@
 //! - [`lag`]: lag in seconds from timestamped samples of the leader's position.
 //! - [`physical`]: streaming standbys: polls the leader's WAL insert position and each
 //!   follower's replay position.
+//! - [`row`]: logical decoding streamed from the leader and applied by pgrelay to writable
+//!   followers.
 pub mod lag;
 pub mod physical;
 pub mod positions;
+pub mod row;

@@ -33,14 +33,7 @@ pub fn spawn(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    let history = Arc::new(Mutex::new(LeaderHistory::new(HISTORY)));
-    tracker.spawn(sample_leader(
-        config.clone(),
-        positions.clone(),
-        metrics.clone(),
-        history.clone(),
-        stop.clone(),
-    ));
+    let history = spawn_leader_sampler(&config, &positions, &metrics, tracker, &stop);
     for (node, n) in config.nodes.iter().enumerate() {
         if node == config.leader {
             continue;
@@ -55,6 +48,26 @@ pub fn spawn(
             stop.clone(),
         ));
     }
+}
+
+/// Starts sampling the leader's WAL insert position every `poll_interval` (in every mode whose
+/// positions are LSNs); the returned history turns a follower's position into lag in seconds.
+pub fn spawn_leader_sampler(
+    config: &Arc<Config>,
+    positions: &Arc<Positions>,
+    metrics: &Arc<Metrics>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> Arc<Mutex<LeaderHistory>> {
+    let history = Arc::new(Mutex::new(LeaderHistory::new(HISTORY)));
+    tracker.spawn(sample_leader(
+        config.clone(),
+        positions.clone(),
+        metrics.clone(),
+        history.clone(),
+        stop.clone(),
+    ));
+    history
 }
 
 /// A connection of pgrelay's own to `node`, opened on demand and dropped on failure.

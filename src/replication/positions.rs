@@ -5,7 +5,9 @@
 //! Each follower's state is published through a `tokio::sync::watch` channel, so the router,
 //! the metrics and the acknowledgement waiters read it without locks.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -69,6 +71,9 @@ pub struct Positions {
     /// Node index -> a nudge for that follower's watcher to poll now rather than at its next
     /// tick: a read or a commit is waiting for it.
     poll_now: Vec<Notify>,
+    /// Node index -> the databases the follower can serve; None: all of them (a physical
+    /// standby). In row mode a database is served only once its bootstrap is done.
+    databases: Vec<RwLock<Option<HashSet<String>>>>,
 }
 
 impl Positions {
@@ -87,6 +92,7 @@ impl Positions {
             acknowledged: AtomicU64::new(0),
             changed: watch::Sender::new(0),
             poll_now: (0..nodes).map(|_| Notify::new()).collect(),
+            databases: (0..nodes).map(|_| RwLock::new(None)).collect(),
         }
     }
 
@@ -123,6 +129,22 @@ impl Positions {
         if let Some(Some(tx)) = self.followers.get(node) {
             tx.send_replace(state);
             self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// Says which databases `node` can serve (None: every database).
+    pub fn set_databases(&self, node: usize, databases: Option<HashSet<String>>) {
+        if let Some(Ok(mut slot)) = self.databases.get(node).map(|l| l.write()) {
+            *slot = databases;
+        }
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Whether `node` has `database` (in row mode: copied and being applied).
+    pub fn serves(&self, node: usize, database: &str) -> bool {
+        match self.databases.get(node).map(|l| l.read()) {
+            Some(Ok(slot)) => slot.as_ref().is_none_or(|d| d.contains(database)),
+            _ => false,
         }
     }
 

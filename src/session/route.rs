@@ -192,11 +192,14 @@ impl Session {
         let positions = self.shared.positions.clone();
         let followers = self.shared.nodes.followers().to_vec();
         let nodes = &self.shared.nodes;
+        let database = self.database.as_str();
         let caught_up = positions
             .wait_until(wait, |p| {
-                followers
-                    .iter()
-                    .any(|&f| nodes.is_up(f) && needs.satisfied_by(&p.follower(f)))
+                followers.iter().any(|&f| {
+                    nodes.is_up(f)
+                        && p.serves(f, database)
+                        && needs.satisfied_by(&p.follower(f))
+                })
             })
             .await;
         self.shared
@@ -214,8 +217,11 @@ impl Session {
     /// already answering them.
     async fn try_followers(&mut self, needs: ReadNeeds) -> Option<usize> {
         let shared = self.shared.clone();
+        let database = self.database.clone();
         let eligible = |node: usize| {
-            shared.nodes.is_up(node) && needs.satisfied_by(&shared.positions.follower(node))
+            shared.nodes.is_up(node)
+                && shared.positions.serves(node, &database)
+                && needs.satisfied_by(&shared.positions.follower(node))
         };
         let busy = self.busy_node().filter(|&b| eligible(b));
         let rest = shared

@@ -7,6 +7,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod raw;
+pub mod row;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,633 @@
+//! The applier: turns one follower database into a copy of the leader's by applying the
+//! decoded change stream. Consecutive leader transactions are applied together in one follower
+//! transaction that also records, in `pgrelay.applied`, the end position of the last of them,
+//! so after any crash the follower holds exactly the transactions up to that position and
+//! resumes after it: nothing lost, nothing applied twice.
+//!
+//! Row changes run as prepared statements (one per table, operation and column set), pipelined
+//! in the extended protocol: a group costs one round trip to the follower, not one per row.
+//! <https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html>
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+
+use crate::backend::BackendConn;
+use crate::metrics::FollowerMetrics;
+use crate::protocol::backend::{self as be, tag};
+use crate::protocol::frontend as fe;
+use crate::protocol::pgoutput::{
+    Delete, Insert, LogicalMessage, Message, OldTuple, Truncate, Tuple, Update, Value,
+};
+
+use super::super::positions::{format_lsn, Position};
+use super::relations::{describe_sql, FollowerColumn, Table};
+use super::setup::{literal, record_applied_sql};
+use super::RowError;
+
+/// The prefix of the logical messages that carry DDL (see the session's DDL capture).
+pub const DDL_PREFIX: &str = "pgrelay.ddl";
+
+/// A group is committed after this many leader transactions even if more are waiting.
+const GROUP_TRANSACTIONS: u64 = 1000;
+/// Replies are read after this many pipelined statements, so that neither side's socket
+/// buffer fills up while the other waits (a large leader transaction).
+const PIPELINE_DEPTH: usize = 5000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+    Other,
+}
+
+/// A reply still to come, and what it must say.
+#[derive(Debug)]
+struct Check {
+    op: Op,
+    /// The relation id (for the error message).
+    relation: u32,
+}
+
+/// Statement cache key: relation, generation of its description, operation, and which
+/// columns are set and which identify the row.
+type StatementKey = (u32, u64, Op, Vec<usize>, Vec<usize>);
+
+pub struct Applier {
+    conn: BackendConn,
+    follower: String,
+    record_sql: String,
+    metrics: Option<Arc<FollowerMetrics>>,
+    /// Leader relations as the stream described them, by relation id.
+    relations: HashMap<u32, crate::protocol::pgoutput::Relation>,
+    /// Those relations matched against the follower's tables.
+    tables: HashMap<u32, Table>,
+    /// Leader type OID -> `schema.name`, from Type messages.
+    types: HashMap<u32, String>,
+    statements: HashMap<StatementKey, String>,
+    next_statement: u64,
+    generation: u64,
+    prepared_fixed: bool,
+    checks: VecDeque<Check>,
+    /// A follower transaction is open (BEGIN sent).
+    open: bool,
+    /// Inside a leader transaction (Begin seen, Commit not yet).
+    in_leader_tx: bool,
+    /// The current leader transaction was applied before (its commit precedes `applied`).
+    skipping: bool,
+    /// Committed on the follower up to here.
+    applied: Position,
+    /// End position of the last leader transaction in the open group.
+    group_end: Option<Position>,
+    group_transactions: u64,
+    group_rows: [u64; 4],
+}
+
+fn follower_io(e: std::io::Error) -> RowError {
+    RowError::Follower(format!("connection lost: {e}"))
+}
+
+impl Applier {
+    /// `applied`: the position the follower recorded (everything before it is there).
+    pub fn new(
+        conn: BackendConn,
+        follower: &str,
+        source: &str,
+        applied: Position,
+        metrics: Option<Arc<FollowerMetrics>>,
+    ) -> Applier {
+        Applier {
+            conn,
+            follower: follower.to_owned(),
+            record_sql: record_applied_sql(source),
+            metrics,
+            relations: HashMap::new(),
+            tables: HashMap::new(),
+            types: HashMap::new(),
+            statements: HashMap::new(),
+            next_statement: 0,
+            generation: 0,
+            prepared_fixed: false,
+            checks: VecDeque::new(),
+            open: false,
+            in_leader_tx: false,
+            skipping: false,
+            applied,
+            group_end: None,
+            group_transactions: 0,
+            group_rows: [0; 4],
+        }
+    }
+
+    /// Everything up to here is committed on the follower (or was nothing to apply).
+    pub fn applied(&self) -> Position {
+        self.applied
+    }
+
+    /// A follower transaction is open and waits for [`Applier::finish_group`].
+    pub fn has_open_group(&self) -> bool {
+        self.open && !self.in_leader_tx
+    }
+
+    pub fn in_leader_transaction(&self) -> bool {
+        self.in_leader_tx
+    }
+
+    /// The group has grown enough to commit even if more transactions are waiting.
+    pub fn group_full(&self) -> bool {
+        self.group_transactions >= GROUP_TRANSACTIONS
+    }
+
+    /// The leader sent everything up to `wal_end` and the follower applied it all: nothing
+    /// between the last commit and there concerns this database.
+    pub fn caught_up_to(&mut self, wal_end: Position) {
+        if !self.open && !self.in_leader_tx {
+            self.applied = self.applied.max(wal_end);
+        }
+    }
+
+    /// Applies one message of the stream; `at` is the WAL position it came with.
+    pub async fn apply(&mut self, at: Position, message: Message) -> Result<(), RowError> {
+        match message {
+            Message::Begin(b) => {
+                self.in_leader_tx = true;
+                // Transactions stream in commit order; one whose commit record starts before
+                // the recorded position was applied before a restart.
+                self.skipping = b.final_lsn < self.applied;
+                if self.skipping {
+                    debug!(commit = %format_lsn(b.final_lsn), "skipping a transaction applied before");
+                } else if !self.open {
+                    self.begin()?;
+                }
+            }
+            Message::Commit(c) => {
+                self.in_leader_tx = false;
+                if self.skipping {
+                    self.skipping = false;
+                    return Ok(());
+                }
+                self.record(c.end_lsn);
+                self.group_end = Some(c.end_lsn);
+                self.group_transactions += 1;
+            }
+            Message::Origin(_) => {}
+            Message::Relation(r) => {
+                self.tables.remove(&r.id);
+                self.generation += 1;
+                self.relations.insert(r.id, r);
+            }
+            Message::Type(t) => {
+                self.types.insert(t.id, format!("{}.{}", t.namespace, t.name));
+            }
+            Message::Insert(i) if !self.skipping => self.insert(i).await?,
+            Message::Update(u) if !self.skipping => self.update(u).await?,
+            Message::Delete(d) if !self.skipping => self.delete(d).await?,
+            Message::Truncate(t) if !self.skipping => self.truncate(t)?,
+            Message::Message(m) => self.message(at, m).await?,
+            Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
+            }
+        }
+        if self.checks.len() >= PIPELINE_DEPTH {
+            self.sync().await?;
+        }
+        if self.conn.wbuf.len() >= 64 * 1024 {
+            self.conn.flush().await.map_err(follower_io)?;
+        }
+        Ok(())
+    }
+
+    fn prepare_fixed(&mut self) {
+        if !self.prepared_fixed {
+            fe::parse(&mut self.conn.wbuf, "pgrelay_begin", "BEGIN", &[]);
+            fe::parse(&mut self.conn.wbuf, "pgrelay_commit", "COMMIT", &[]);
+            fe::parse(&mut self.conn.wbuf, "pgrelay_record", &self.record_sql, &[0]);
+            self.prepared_fixed = true;
+        }
+    }
+
+    fn run(&mut self, statement: &str, params: &[Option<&[u8]>], check: Check) {
+        fe::bind_text(&mut self.conn.wbuf, statement, params.iter().copied());
+        fe::execute(&mut self.conn.wbuf);
+        self.checks.push_back(check);
+    }
+
+    fn begin(&mut self) -> Result<(), RowError> {
+        self.prepare_fixed();
+        self.run(
+            "pgrelay_begin",
+            &[],
+            Check {
+                op: Op::Other,
+                relation: 0,
+            },
+        );
+        self.open = true;
+        Ok(())
+    }
+
+    fn record(&mut self, end: Position) {
+        let lsn = format_lsn(end);
+        self.run(
+            "pgrelay_record",
+            &[Some(lsn.as_bytes())],
+            Check {
+                op: Op::Other,
+                relation: 0,
+            },
+        );
+    }
+
+    /// Commits the open group and reads every reply; the follower then holds the group.
+    pub async fn finish_group(&mut self) -> Result<(), RowError> {
+        if !self.open {
+            return Ok(());
+        }
+        self.run(
+            "pgrelay_commit",
+            &[],
+            Check {
+                op: Op::Other,
+                relation: 0,
+            },
+        );
+        self.sync().await?;
+        self.open = false;
+        if let Some(end) = self.group_end.take() {
+            self.applied = self.applied.max(end);
+        }
+        if let Some(m) = &self.metrics {
+            m.apply_transactions.increment(self.group_transactions);
+            m.apply_inserts.increment(self.group_rows[0]);
+            m.apply_updates.increment(self.group_rows[1]);
+            m.apply_deletes.increment(self.group_rows[2]);
+            m.apply_truncates.increment(self.group_rows[3]);
+        }
+        self.group_transactions = 0;
+        self.group_rows = [0; 4];
+        Ok(())
+    }
+
+    /// Sends what is queued with a Sync and checks every reply (inside an open follower
+    /// transaction a Sync does not commit).
+    async fn sync(&mut self) -> Result<(), RowError> {
+        fe::sync(&mut self.conn.wbuf);
+        self.conn.flush().await.map_err(follower_io)?;
+        let mut failure: Option<RowError> = None;
+        loop {
+            let frame = self.conn.read_frame().await.map_err(follower_io)?;
+            match frame.tag() {
+                tag::COMMAND_COMPLETE => {
+                    let check = self.checks.pop_front();
+                    if failure.is_some() {
+                        continue;
+                    }
+                    let body = frame.body();
+                    let command = be::parse_command_complete(&body).unwrap_or_default();
+                    if let Some(check) = check {
+                        let rows = command
+                            .rsplit(' ')
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok());
+                        match check.op {
+                            Op::Update | Op::Delete if rows == Some(0) => {
+                                failure = Some(RowError::Diverged(format!(
+                                    "the row to {} in {} is missing on follower \"{}\"",
+                                    if check.op == Op::Update { "update" } else { "delete" },
+                                    self.table_name(check.relation),
+                                    self.follower
+                                )));
+                            }
+                            Op::Insert => self.group_rows[0] += 1,
+                            Op::Update => self.group_rows[1] += 1,
+                            Op::Delete => self.group_rows[2] += 1,
+                            Op::Truncate => self.group_rows[3] += 1,
+                            _ => {}
+                        }
+                    }
+                }
+                tag::ERROR_RESPONSE => {
+                    let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                    let check = self.checks.front();
+                    let what = match check {
+                        Some(c) if c.relation != 0 => format!(
+                            "{:?} on {}",
+                            c.op,
+                            self.table_name(c.relation)
+                        ),
+                        _ => "a statement".to_owned(),
+                    };
+                    failure = Some(RowError::Follower(format!(
+                        "applying {what} failed on follower \"{}\": {} ({})",
+                        self.follower, f.message, f.code
+                    )));
+                }
+                tag::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        self.checks.clear();
+        match failure {
+            None => Ok(()),
+            Some(err) => {
+                // The follower transaction is lost: the next connection starts over from the
+                // recorded position.
+                self.open = false;
+                Err(err)
+            }
+        }
+    }
+
+    fn table_name(&self, relation: u32) -> String {
+        self.relations
+            .get(&relation)
+            .map(|r| format!("\"{}\".\"{}\"", r.namespace, r.name))
+            .unwrap_or_else(|| format!("relation {relation}"))
+    }
+
+    /// The follower's table for a leader relation, matched on first use after each Relation
+    /// message.
+    async fn table(&mut self, relation: u32) -> Result<&Table, RowError> {
+        if !self.tables.contains_key(&relation) {
+            let rel = self.relations.get(&relation).cloned().ok_or_else(|| {
+                RowError::Decode(format!("change for relation {relation} before its description"))
+            })?;
+            // Queued statements first: the follower's catalog must reflect them.
+            self.sync_keep_open().await?;
+            let rows = self
+                .conn
+                .query(&describe_sql(&rel.namespace, &rel.name))
+                .await
+                .map_err(|e| RowError::Follower(format!("describing a table: {}", e.message)))?;
+            let columns: Vec<FollowerColumn> = rows
+                .into_iter()
+                .filter_map(|r| {
+                    let mut it = r.into_iter();
+                    Some(FollowerColumn {
+                        name: it.next().flatten()?,
+                        type_oid: it.next().flatten()?.parse().ok()?,
+                        type_name: it.next().flatten()?,
+                    })
+                })
+                .collect();
+            let types = &self.types;
+            let table = Table::resolve(
+                rel,
+                (!columns.is_empty()).then_some(columns.as_slice()),
+                |oid| types.get(&oid).cloned(),
+                self.generation,
+            )
+            .map_err(|e| RowError::Mismatch(format!("follower \"{}\": {e}", self.follower)))?;
+            self.tables.insert(relation, table);
+        }
+        self.tables
+            .get(&relation)
+            .ok_or_else(|| RowError::Decode(format!("relation {relation} vanished")))
+    }
+
+    /// A Sync in the middle of a group, keeping the follower transaction open.
+    async fn sync_keep_open(&mut self) -> Result<(), RowError> {
+        let open = self.open;
+        self.sync().await?;
+        self.open = open;
+        Ok(())
+    }
+
+    /// The name of the prepared statement for `key`, queuing its Parse on first use.
+    fn statement(&mut self, key: StatementKey, sql: impl FnOnce() -> (String, Vec<u32>)) -> String {
+        if let Some(name) = self.statements.get(&key) {
+            return name.clone();
+        }
+        let name = format!("pgrelay_s{}", self.next_statement);
+        self.next_statement += 1;
+        let (sql, types) = sql();
+        fe::parse(&mut self.conn.wbuf, &name, &sql, &types);
+        self.statements.insert(key, name.clone());
+        name
+    }
+
+    async fn insert(&mut self, i: Insert) -> Result<(), RowError> {
+        let table = self.table(i.relation).await?.clone();
+        let all: Vec<usize> = (0..table.relation.columns.len()).collect();
+        let params = values(&i.new, &all, &table, "insert")?;
+        let key = (i.relation, table.generation, Op::Insert, all, Vec::new());
+        let name = self.statement(key, || (table.insert_sql(), table.param_types.clone()));
+        self.run(
+            &name,
+            &params,
+            Check {
+                op: Op::Insert,
+                relation: i.relation,
+            },
+        );
+        Ok(())
+    }
+
+    async fn update(&mut self, u: Update) -> Result<(), RowError> {
+        let table = self.table(u.relation).await?.clone();
+        // Unchanged TOASTed columns keep the follower's value: they are not set.
+        let set: Vec<usize> = u
+            .new
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !matches!(v, Value::Unchanged))
+            .map(|(i, _)| i)
+            .collect();
+        let (key_tuple, key) = identify(&table, u.old.as_ref(), &u.new);
+        let mut params = values(&u.new, &set, &table, "update")?;
+        params.extend(values(key_tuple, &key, &table, "update")?);
+        let types: Vec<u32> = set
+            .iter()
+            .map(|&i| table.param_types.get(i).copied().unwrap_or(0))
+            .chain(table.types_of(key.iter()))
+            .collect();
+        let sql_key = (u.relation, table.generation, Op::Update, set.clone(), key.clone());
+        let name = self.statement(sql_key, || (table.update_sql(&set, &key), types));
+        self.run(
+            &name,
+            &params,
+            Check {
+                op: Op::Update,
+                relation: u.relation,
+            },
+        );
+        Ok(())
+    }
+
+    async fn delete(&mut self, d: Delete) -> Result<(), RowError> {
+        let table = self.table(d.relation).await?.clone();
+        let (key_tuple, key) = identify(&table, Some(&d.old), &d.old.tuple);
+        let params = values(key_tuple, &key, &table, "delete")?;
+        let types = table.types_of(key.iter());
+        let sql_key = (d.relation, table.generation, Op::Delete, Vec::new(), key.clone());
+        let name = self.statement(sql_key, || (table.delete_sql(&key), types));
+        self.run(
+            &name,
+            &params,
+            Check {
+                op: Op::Delete,
+                relation: d.relation,
+            },
+        );
+        Ok(())
+    }
+
+    fn truncate(&mut self, t: Truncate) -> Result<(), RowError> {
+        let mut names = Vec::with_capacity(t.relations.len());
+        for id in &t.relations {
+            let rel = self.relations.get(id).ok_or_else(|| {
+                RowError::Decode(format!("truncate of relation {id} before its description"))
+            })?;
+            names.push(format!(
+                "{}.{}",
+                super::setup::ident(&rel.namespace),
+                super::setup::ident(&rel.name)
+            ));
+        }
+        let sql = format!(
+            "TRUNCATE ONLY {}{}{}",
+            names.join(", "),
+            if t.restart_identity { " RESTART IDENTITY" } else { "" },
+            if t.cascade { " CASCADE" } else { "" }
+        );
+        fe::parse(&mut self.conn.wbuf, "", &sql, &[]);
+        self.run(
+            "",
+            &[],
+            Check {
+                op: Op::Truncate,
+                relation: t.relations.first().copied().unwrap_or(0),
+            },
+        );
+        Ok(())
+    }
+
+    /// A logical message: DDL that passed through pgrelay, executed at its place in the stream.
+    async fn message(&mut self, at: Position, m: LogicalMessage) -> Result<(), RowError> {
+        if m.prefix != DDL_PREFIX {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&m.content).into_owned();
+        let (search_path, sql) = text.split_once('\n').unwrap_or(("", text.as_str()));
+        if m.transactional {
+            if self.skipping {
+                return Ok(());
+            }
+            // Whatever is queued runs first, then the DDL inside the same follower transaction.
+            self.sync_keep_open().await?;
+            let sql = format!(
+                "SELECT pg_catalog.set_config('search_path', {}, true); {sql}",
+                literal(search_path)
+            );
+            self.conn.query(&sql).await.map_err(|e| {
+                RowError::Follower(format!(
+                    "DDL from the leader failed on follower \"{}\": {} ({})",
+                    self.follower, e.message, e.code
+                ))
+            })?;
+            self.conn
+                .query("SELECT pg_catalog.set_config('search_path', '\"$user\", public', true)")
+                .await
+                .map_err(|e| RowError::Follower(e.message))?;
+            self.tables.clear();
+            self.generation += 1;
+            return Ok(());
+        }
+        // Not transactional (CREATE INDEX CONCURRENTLY and the like): it runs on its own,
+        // after everything before it, and its position is recorded right after.
+        if at < self.applied {
+            return Ok(());
+        }
+        self.finish_group().await?;
+        let set = format!(
+            "SELECT pg_catalog.set_config('search_path', {}, false)",
+            literal(search_path)
+        );
+        self.conn
+            .query(&set)
+            .await
+            .map_err(|e| RowError::Follower(e.message))?;
+        match self.conn.query(sql).await {
+            Ok(_) => info!(follower = %self.follower, "applied DDL outside a transaction"),
+            // Run already before a crash that came before its position was recorded.
+            Err(e) if matches!(e.code.as_str(), "42P07" | "42710" | "42P06" | "42704") => {
+                warn!(follower = %self.follower, code = %e.code, error = %e.message, "DDL outside a transaction was applied already");
+            }
+            Err(e) => {
+                return Err(RowError::Follower(format!(
+                    "DDL from the leader failed on follower \"{}\": {} ({})",
+                    self.follower, e.message, e.code
+                )))
+            }
+        }
+        self.conn
+            .query("RESET search_path")
+            .await
+            .map_err(|e| RowError::Follower(e.message))?;
+        // One past the message, so that a restart does not run it again.
+        let next = at + 1;
+        self.conn
+            .query(&format!(
+                "BEGIN; {}; COMMIT",
+                self.record_sql.replace("$1", &literal(&format_lsn(next)))
+            ))
+            .await
+            .map_err(|e| RowError::Follower(e.message))?;
+        self.applied = self.applied.max(next);
+        Ok(())
+    }
+
+    pub async fn close(mut self) {
+        if self.open {
+            let _ = self.conn.query("ROLLBACK").await;
+        }
+        self.conn.terminate().await;
+    }
+}
+
+/// Which tuple and columns identify the old row: the old key or old row when the stream sent
+/// one, else the key columns of the new row (the key did not change).
+fn identify<'a>(table: &Table, old: Option<&'a OldTuple>, new: &'a Tuple) -> (&'a Tuple, Vec<usize>) {
+    let key = table.key_columns();
+    match old {
+        Some(old) => {
+            // A full old row may carry unchanged TOASTed values: those cannot be compared.
+            let key = key
+                .into_iter()
+                .filter(|&i| !matches!(old.tuple.0.get(i), Some(Value::Unchanged) | None))
+                .collect();
+            (&old.tuple, key)
+        }
+        None => (new, key),
+    }
+}
+
+/// The text values of `columns` of a tuple, as Bind parameters.
+fn values<'a>(
+    tuple: &'a Tuple,
+    columns: &[usize],
+    table: &Table,
+    what: &str,
+) -> Result<Vec<Option<&'a [u8]>>, RowError> {
+    columns
+        .iter()
+        .map(|&i| match tuple.0.get(i) {
+            Some(Value::Text(b)) => Ok(Some(b.as_ref())),
+            Some(Value::Null) => Ok(None),
+            Some(Value::Unchanged) => Err(RowError::Decode(format!(
+                "{what} on {} needs an unchanged TOASTed value it was not sent",
+                table.qualified
+            ))),
+            Some(Value::Binary(_)) => Err(RowError::Decode(
+                "binary value in a text-format stream".to_owned(),
+            )),
+            None => Err(RowError::Decode(format!(
+                "{what} on {} has fewer columns than its description",
+                table.qualified
+            ))),
+        })
+        .collect()
+}

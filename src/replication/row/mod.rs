@@ -1,0 +1,561 @@
+//! Row mode: pgrelay keeps ordinary writable followers equal to the leader by streaming the
+//! leader's logical decoding (`pgoutput`, one slot per follower and database) and applying the
+//! row changes itself.
+//!
+//! - [`setup`]: leader checks, the publication, slot names, what a follower database holds.
+//! - [`stream`]: the replication connection (slot creation, CopyBoth, status updates).
+//! - [`bootstrap`]: copying an empty follower database from the slot's snapshot.
+//! - [`apply`]: applying the stream, exactly once, recording the position on the follower.
+//! - [`relations`]: leader tables against follower tables, and the statements that apply rows.
+//!
+//! One task per follower finds the databases to replicate and publishes the follower's
+//! position: the lowest position any of its databases has applied (each database is its own
+//! stream). A database is served to readers only once its bootstrap is done.
+//! <https://www.postgresql.org/docs/current/logicaldecoding-explanation.html>
+
+pub mod apply;
+pub mod bootstrap;
+pub mod relations;
+pub mod setup;
+pub mod stream;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::backend::{connect_own, BackendConn};
+use crate::config::Config;
+use crate::metrics::{FollowerMetrics, Metrics};
+
+use super::lag::LeaderHistory;
+use super::positions::{format_lsn, FollowerState, Position, Positions};
+use apply::Applier;
+use setup::{FollowerDb, APPLIED_TABLE_SQL};
+use stream::{Event, ReplicationStream};
+
+/// Why replicating one database to one follower stopped.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RowError {
+    /// Something on the leader or in the config must change first.
+    #[error("{0}")]
+    Setup(String),
+    #[error("leader: {0}")]
+    Leader(String),
+    #[error("follower: {0}")]
+    Follower(String),
+    /// The follower's table no longer matches the leader's (DDL behind pgrelay's back).
+    #[error("{0}")]
+    Mismatch(String),
+    /// The follower lacks a row the leader changed.
+    #[error("{0}")]
+    Diverged(String),
+    #[error("change stream: {0}")]
+    Decode(String),
+}
+
+impl RowError {
+    /// Errors of applying (as opposed to reaching a node), counted in
+    /// `pgrelay_apply_errors_total`.
+    fn is_apply_error(&self) -> bool {
+        matches!(
+            self,
+            RowError::Follower(_) | RowError::Mismatch(_) | RowError::Diverged(_) | RowError::Decode(_)
+        )
+    }
+}
+
+/// How often the leader's database list is read again when `replication.databases` is empty.
+const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a stream that stopped on a mismatch or a setup problem waits before trying again.
+const SLOW_RETRY: Duration = Duration::from_secs(5);
+
+/// Where one database stands on one follower.
+#[derive(Debug, Clone, Default)]
+struct DbState {
+    /// Bootstrapped and streaming.
+    ready: bool,
+    applied: Option<Position>,
+    /// The last error, while it lasts.
+    error: Option<String>,
+}
+
+/// What a follower's database tasks share with the follower task.
+struct FollowerShared {
+    states: Mutex<HashMap<String, DbState>>,
+    changed: Notify,
+}
+
+impl FollowerShared {
+    fn update(&self, database: &str, f: impl FnOnce(&mut DbState)) {
+        if let Ok(mut states) = self.states.lock() {
+            f(states.entry(database.to_owned()).or_default());
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// Starts row-mode replication: the leader sampler and one task per follower.
+pub fn spawn(
+    config: Arc<Config>,
+    positions: Arc<Positions>,
+    metrics: Arc<Metrics>,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) {
+    let history = super::physical::spawn_leader_sampler(&config, &positions, &metrics, tracker, &stop);
+    for node in 0..config.nodes.len() {
+        if node == config.leader {
+            continue;
+        }
+        positions.set_databases(node, Some(HashSet::new()));
+        tracker.spawn(follower_task(
+            config.clone(),
+            node,
+            positions.clone(),
+            metrics.clone(),
+            history.clone(),
+            tracker.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
+/// Lists the leader's databases (or the configured ones).
+async fn databases(config: &Config, leader: &mut Option<BackendConn>) -> Result<Vec<String>, String> {
+    if !config.replication.databases.is_empty() {
+        return Ok(config.replication.databases.clone());
+    }
+    if leader.is_none() {
+        *leader = Some(
+            connect_own(config, config.leader, &config.replication.database, "pgrelay row supervisor", false)
+                .await?,
+        );
+    }
+    let Some(conn) = leader.as_mut() else {
+        return Err("not connected".into());
+    };
+    match conn
+        .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname")
+        .await
+    {
+        Ok(rows) => Ok(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect()),
+        Err(e) => {
+            *leader = None;
+            Err(e.message)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn follower_task(
+    config: Arc<Config>,
+    node: usize,
+    positions: Arc<Positions>,
+    metrics: Arc<Metrics>,
+    history: Arc<Mutex<LeaderHistory>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    let name = config.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default();
+    let shared = Arc::new(FollowerShared {
+        states: Mutex::new(HashMap::new()),
+        changed: Notify::new(),
+    });
+    let follower_metrics = metrics.follower(node).map(|m| Arc::new(m.clone()));
+    if let Some(m) = &follower_metrics {
+        m.apply_transactions.increment(0);
+        m.apply_errors.increment(0);
+    }
+    let mut started: HashSet<String> = HashSet::new();
+    let mut leader: Option<BackendConn> = None;
+    let mut next_discovery = Instant::now();
+    let mut next_slot_check = Instant::now();
+    let mut was_up: Option<bool> = None;
+    loop {
+        if Instant::now() >= next_discovery {
+            match databases(&config, &mut leader).await {
+                Ok(list) => {
+                    for db in list {
+                        if started.insert(db.clone()) {
+                            shared.update(&db, |_| {});
+                            tracker.spawn(database_task(
+                                config.clone(),
+                                node,
+                                db,
+                                shared.clone(),
+                                follower_metrics.clone(),
+                                stop.clone(),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => warn!(follower = %name, error = %e, "cannot list the leader's databases"),
+            }
+            next_discovery = Instant::now()
+                + if config.replication.databases.is_empty() {
+                    DISCOVER_INTERVAL
+                } else {
+                    Duration::from_secs(3600)
+                };
+        }
+        if Instant::now() >= next_slot_check {
+            next_slot_check = Instant::now() + Duration::from_secs(1);
+            let slots: Vec<String> = started.iter().map(|db| setup::slot_name(&name, db)).collect();
+            if let (Some(conn), Some(m)) = (leader.as_mut(), &follower_metrics) {
+                if let Ok(bytes) = retained_bytes(conn, &slots).await {
+                    m.slot_retained_bytes.set(bytes as f64);
+                }
+            } else if leader.is_none() && config.replication.databases.is_empty() {
+                // Reconnected at the next discovery.
+            } else if leader.is_none() {
+                leader = connect_own(&config, config.leader, &config.replication.database, "pgrelay row supervisor", false)
+                    .await
+                    .ok();
+            }
+        }
+        // Publish the follower's position: the lowest of its ready databases.
+        let (ready, applied, error) = match shared.states.lock() {
+            Ok(states) => {
+                let ready: HashSet<String> =
+                    states.iter().filter(|(_, s)| s.ready).map(|(d, _)| d.clone()).collect();
+                let applied = states.values().filter(|s| s.ready).filter_map(|s| s.applied).min();
+                let error = states.values().find_map(|s| s.error.clone());
+                (ready, applied, error)
+            }
+            Err(_) => (HashSet::new(), None, Some("state lock poisoned".into())),
+        };
+        let up = error.is_none() && !ready.is_empty();
+        let (lag, lag_bytes) = match (applied, history.lock()) {
+            (Some(a), Ok(h)) => (h.lag(a, Instant::now()), h.lag_bytes(a)),
+            _ => (Duration::ZERO, 0),
+        };
+        positions.set_databases(node, Some(ready));
+        positions.publish(
+            node,
+            FollowerState {
+                up,
+                applied,
+                lag_bytes,
+                lag,
+            },
+        );
+        if let Some(m) = metrics.follower(node) {
+            m.up.set(if up { 1.0 } else { 0.0 });
+            m.lag_seconds.set(lag.as_secs_f64());
+            m.lag_bytes.set(lag_bytes as f64);
+            if let Some(a) = applied {
+                m.applied_position.set(a as f64);
+            }
+        }
+        if was_up != Some(up) && (up || error.is_some()) {
+            match &error {
+                None => info!(follower = %name, "follower is applying changes"),
+                Some(e) => warn!(follower = %name, error = %e, "follower is down for routing"),
+            }
+            was_up = Some(up);
+        }
+        let wake = next_discovery.min(next_slot_check);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.changed.notified() => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            // Positions move by themselves in row mode; a poll request needs no action, but
+            // lag is recomputed against the newest leader sample.
+            _ = positions.poll_requested(node) => {}
+        }
+    }
+}
+
+async fn retained_bytes(leader: &mut BackendConn, slots: &[String]) -> Result<u64, String> {
+    if slots.is_empty() {
+        return Ok(0);
+    }
+    let list = slots.iter().map(|s| setup::literal(s)).collect::<Vec<_>>().join(", ");
+    let rows = leader
+        .query(&format!(
+            "SELECT coalesce(sum(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 0)::bigint \
+             FROM pg_replication_slots WHERE slot_name IN ({list})"
+        ))
+        .await
+        .map_err(|e| e.message)?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Replicates one database to one follower, starting over after every failure.
+async fn database_task(
+    config: Arc<Config>,
+    node: usize,
+    database: String,
+    shared: Arc<FollowerShared>,
+    metrics: Option<Arc<FollowerMetrics>>,
+    stop: CancellationToken,
+) {
+    let follower = config.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default();
+    let mut last_error: Option<String> = None;
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = replicate(&config, node, &follower, &database, &shared, metrics.clone(), &stop) => r,
+        };
+        let err = match result {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        if err.is_apply_error() {
+            if let Some(m) = &metrics {
+                m.apply_errors.increment(1);
+            }
+        }
+        if last_error.as_deref() != Some(text.as_str()) {
+            warn!(follower = %follower, database = %database, error = %text, "replication stopped; retrying");
+        }
+        // A follower the applier cannot keep equal to the leader is not read from; one that is
+        // merely unreachable is caught by its own checks, but is not ready either.
+        let marks_down = matches!(
+            err,
+            RowError::Mismatch(_) | RowError::Diverged(_) | RowError::Follower(_) | RowError::Decode(_)
+        );
+        shared.update(&database, |s| {
+            s.ready = false;
+            s.error = marks_down.then(|| text.clone());
+        });
+        last_error = Some(text);
+        let wait = match err {
+            RowError::Mismatch(_) | RowError::Setup(_) | RowError::Diverged(_) => SLOW_RETRY,
+            _ => config.proxy.node_retry_interval,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Opens a connection to the follower database, creating the database when it is missing.
+async fn follower_database(
+    config: &Config,
+    node: usize,
+    database: &str,
+    leader: &mut BackendConn,
+    recreate: bool,
+) -> Result<BackendConn, RowError> {
+    if !recreate {
+        match connect_own(config, node, database, "pgrelay applier", false).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.contains("does not exist") => {}
+            Err(e) => return Err(RowError::Follower(e)),
+        }
+    }
+    let admin_db = if database == "postgres" { "template1" } else { "postgres" };
+    let mut admin = connect_own(config, node, admin_db, "pgrelay applier", false)
+        .await
+        .map_err(RowError::Follower)?;
+    let rows = leader
+        .query(&format!(
+            "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database WHERE datname = {}",
+            setup::literal(database)
+        ))
+        .await
+        .map_err(|e| RowError::Leader(e.message))?;
+    let row = rows.into_iter().next().unwrap_or_default();
+    let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let name = bootstrap::database_ident(database);
+    if recreate {
+        admin
+            .query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .map_err(|e| RowError::Follower(format!("dropping a partial copy: {}", e.message)))?;
+    }
+    let created = admin
+        .query(&format!(
+            "CREATE DATABASE {name} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
+            setup::literal(&get(0)),
+            setup::literal(&get(1)),
+            setup::literal(&get(2))
+        ))
+        .await;
+    admin.terminate().await;
+    match created {
+        Ok(_) => info!(node, database, "created the database on the follower"),
+        Err(e) if e.code == "42P04" => {}
+        Err(e) => {
+            return Err(RowError::Follower(format!(
+                "creating database {name}: {}",
+                e.message
+            )))
+        }
+    }
+    connect_own(config, node, database, "pgrelay applier", false)
+        .await
+        .map_err(RowError::Follower)
+}
+
+/// One attempt: set up, bootstrap or resume, then stream and apply until something fails.
+async fn replicate(
+    config: &Arc<Config>,
+    node: usize,
+    follower: &str,
+    database: &str,
+    shared: &FollowerShared,
+    metrics: Option<Arc<FollowerMetrics>>,
+    stop: &CancellationToken,
+) -> Result<(), RowError> {
+    let slot = setup::slot_name(follower, database);
+    let mut leader = connect_own(config, config.leader, database, "pgrelay row setup", false)
+        .await
+        .map_err(RowError::Leader)?;
+    setup::prepare_leader(&mut leader, database).await?;
+    let mut follower_conn = follower_database(config, node, database, &mut leader, false).await?;
+    let mut state = setup::inspect_follower(&mut follower_conn, &slot).await?;
+    if state == FollowerDb::PartialBootstrap {
+        info!(follower, database, "a bootstrap did not finish; copying again");
+        follower_conn.terminate().await;
+        follower_conn = follower_database(config, node, database, &mut leader, true).await?;
+        state = FollowerDb::Empty;
+    }
+    let repl = connect_own(config, config.leader, database, "pgrelay row stream", true)
+        .await
+        .map_err(RowError::Leader)?;
+    let mut stream = ReplicationStream::new(repl);
+    let start = match state {
+        FollowerDb::Applied(position) => {
+            match setup::slot_state(&mut leader, &slot).await? {
+                Some(false) => {}
+                Some(true) => {
+                    return Err(RowError::Setup(format!(
+                        "slot \"{slot}\" is in use by another process (is a second pgrelay \
+                         replicating database \"{database}\" to follower \"{follower}\"?)"
+                    )))
+                }
+                None => {
+                    return Err(RowError::Setup(format!(
+                        "follower \"{follower}\" database \"{database}\" was copied at {} but the \
+                         leader has no slot \"{slot}\" any more, so the changes since are gone; \
+                         drop the database on the follower and pgrelay copies it again",
+                        format_lsn(position)
+                    )))
+                }
+            }
+            info!(follower, database, position = %format_lsn(position), "resuming");
+            position
+        }
+        FollowerDb::Empty | FollowerDb::Missing | FollowerDb::PartialBootstrap => {
+            if setup::slot_state(&mut leader, &slot).await?.is_some() {
+                setup::drop_slot(&mut leader, &slot).await?;
+            }
+            let created = stream.create_slot(&slot).await?;
+            info!(follower, database, consistent_point = %format_lsn(created.consistent_point), "bootstrapping from a snapshot");
+            follower_conn.query(APPLIED_TABLE_SQL).await.map_err(|e| {
+                RowError::Follower(format!("creating pgrelay.applied: {}", e.message))
+            })?;
+            let work_dir = std::env::temp_dir();
+            let boot = bootstrap::Bootstrap {
+                config,
+                follower: node,
+                follower_name: follower,
+                database,
+                source: &slot,
+                snapshot: &created.snapshot,
+                work_dir: &work_dir,
+                metrics: metrics.clone(),
+            };
+            boot.run(&mut follower_conn).await?;
+            follower_conn
+                .query(&bootstrap::finish_sql(&slot, &format_lsn(created.consistent_point)))
+                .await
+                .map_err(|e| RowError::Follower(format!("finishing the bootstrap: {}", e.message)))?;
+            created.consistent_point
+        }
+        FollowerDb::Foreign { tables } => {
+            return Err(RowError::Setup(format!(
+                "database \"{database}\" on follower \"{follower}\" has {tables} tables that pgrelay \
+                 did not copy; row mode copies the leader into an empty database (drop it, or list \
+                 the databases to replicate in replication.databases)"
+            )))
+        }
+    };
+    leader.terminate().await;
+    stream.start(&slot, start).await?;
+    let mut applier = Applier::new(follower_conn, follower, &slot, start, metrics);
+    shared.update(database, |s| {
+        s.ready = true;
+        s.applied = Some(start);
+        s.error = None;
+    });
+    let result = stream_loop(&mut stream, &mut applier, database, shared, stop).await;
+    applier.close().await;
+    stream.close().await;
+    result
+}
+
+async fn stream_loop(
+    stream: &mut ReplicationStream,
+    applier: &mut Applier,
+    database: &str,
+    shared: &FollowerShared,
+    stop: &CancellationToken,
+) -> Result<(), RowError> {
+    let mut reported = applier.applied();
+    let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // While a group is open, more already-received transactions join it; when none is
+        // waiting, the group commits at once.
+        let event = if applier.has_open_group() && !applier.group_full() {
+            stream.try_next()?
+        } else {
+            None
+        };
+        let event = match event {
+            Some(e) => Some(e),
+            None if applier.has_open_group() => {
+                applier.finish_group().await?;
+                None
+            }
+            None => tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                e = stream.next() => Some(e?),
+                _ = status_tick.tick() => {
+                    if stream.status_due() {
+                        stream.send_status(applier.applied()).await?;
+                    }
+                    None
+                }
+            },
+        };
+        let mut reply = false;
+        match event {
+            Some(Event::Change { at, message }) => applier.apply(at, message).await?,
+            Some(Event::Keepalive {
+                wal_end,
+                reply_requested,
+            }) => {
+                if applier.has_open_group() {
+                    applier.finish_group().await?;
+                }
+                applier.caught_up_to(wal_end);
+                reply = true;
+                let _ = reply_requested;
+            }
+            None => {}
+        }
+        if applier.applied() != reported && !applier.has_open_group() {
+            reported = applier.applied();
+            shared.update(database, |s| s.applied = Some(reported));
+            reply = true;
+        }
+        if reply {
+            stream.send_status(applier.applied()).await?;
+        }
+    }
+}

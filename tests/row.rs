@@ -1,0 +1,515 @@
+//! Row mode end to end: pgrelay copies the leader onto empty followers and applies every
+//! change, and the followers converge to exactly the leader's rows, through crashes of pgrelay
+//! and of a follower.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::row::{
+    assert_converged, leader_database, row_cluster, row_config, start_row_cluster,
+    wait_bootstrapped, ProxyProcess,
+};
+use common::{
+    connect_direct, connect_proxy, metric, pg_command, scrape, sqlstate, start_proxy_with_metrics,
+    ClusterInfo,
+};
+use pgrelay::cluster;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Tables that exercise what the applier must get right, created on the leader before pgrelay
+/// starts (so the bootstrap copies them).
+const SCHEMA: &str = "
+    CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+    CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, note text, mood mood);
+    CREATE TABLE ledger (account int, amount bigint, at timestamptz DEFAULT now());
+    CREATE TABLE docs (id serial PRIMARY KEY, title text, body text);
+    CREATE TABLE full_ident (a int, b jsonb, c point);
+    ALTER TABLE full_ident REPLICA IDENTITY FULL;
+    CREATE TABLE by_index (code text NOT NULL, v int);
+    CREATE UNIQUE INDEX by_index_code ON by_index (code);
+    ALTER TABLE by_index REPLICA IDENTITY USING INDEX by_index_code;
+    CREATE TABLE parted (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+    CREATE TABLE parted_eu PARTITION OF parted FOR VALUES IN ('eu');
+    CREATE TABLE parted_us PARTITION OF parted FOR VALUES IN ('us');
+    CREATE TABLE gen (id int PRIMARY KEY, x int, doubled int GENERATED ALWAYS AS (x * 2) STORED);
+    INSERT INTO accounts SELECT g, 1000, 'n' || g, 'ok' FROM generate_series(1, 2000) g;
+    INSERT INTO ledger SELECT g % 50, g FROM generate_series(1, 500) g;
+    INSERT INTO docs (title, body) VALUES ('big', repeat('lorem ipsum ', 20000)), ('small', 'x');
+    INSERT INTO full_ident VALUES (1, '{\"k\": 1}', '(1,2)'), (1, '{\"k\": 1}', '(1,2)'), (2, NULL, NULL);
+    INSERT INTO by_index VALUES ('a', 1), ('b', 2);
+    INSERT INTO parted VALUES (1, 'eu', 1), (2, 'us', 2);
+    INSERT INTO gen (id, x) VALUES (1, 10);
+    CREATE MATERIALIZED VIEW rich AS SELECT id FROM accounts WHERE balance > 500;
+";
+
+async fn setup(prefix: &str) -> (&'static ClusterInfo, String) {
+    let info = row_cluster();
+    let db = leader_database(&info.leader, prefix).await;
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
+    (info, db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
+    let (info, db) = setup("kinds").await;
+    let (addr, metrics) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    for f in &info.followers {
+        let c = connect_direct(f, &db).await;
+        let row = c
+            .query_one("SELECT last_value FROM docs_id_seq", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), 2, "sequence value copied to {}", f.name);
+        let row = c.query_one("SELECT count(*) FROM rich", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), 2000, "materialized view refreshed on {}", f.name);
+    }
+
+    let client = connect_proxy(addr, &db).await;
+    // One statement per round trip: a BEGIN inside a multi-statement string would fold the
+    // statements before it into its transaction.
+    for sql in [
+        "UPDATE accounts SET balance = balance - 1, mood = 'happy' WHERE id <= 100",
+        "DELETE FROM accounts WHERE id BETWEEN 1900 AND 1950",
+        "INSERT INTO ledger (account, amount) VALUES (1, 5), (1, 5), (NULL, NULL)",
+        "UPDATE full_ident SET b = '{\"k\": 2}' WHERE a = 1 AND ctid = (SELECT min(ctid) FROM full_ident WHERE a = 1)",
+        "DELETE FROM full_ident WHERE a = 2",
+        "UPDATE by_index SET code = 'c' WHERE code = 'a'",
+        "DELETE FROM by_index WHERE code = 'b'",
+        "UPDATE parted SET v = v + 1",
+        "INSERT INTO parted VALUES (3, 'eu', 3)",
+        "UPDATE gen SET x = 21 WHERE id = 1",
+        "UPDATE accounts SET note = NULL WHERE id = 7",
+        "BEGIN; INSERT INTO accounts VALUES (5000, 1, 'rolled back', 'sad'); ROLLBACK",
+        "BEGIN; INSERT INTO accounts VALUES (5001, 1, 'kept', 'sad'); SAVEPOINT s; \
+         INSERT INTO accounts VALUES (5002, 1, 'undone', 'sad'); ROLLBACK TO s; COMMIT",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    // A load with many small transactions, through pgrelay.
+    let out = pg_command("pgbench", addr, &db)
+        .args(["-n", "-c", "4", "-t", "200", "-f", "-"])
+        .stdin_script(
+            "\\set id random(1, 1800)\n\
+             BEGIN;\n\
+             UPDATE accounts SET balance = balance + 1 WHERE id = :id;\n\
+             INSERT INTO ledger (account, amount) VALUES (:id, 1);\n\
+             END;\n",
+        );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    for f in &info.followers {
+        let c = connect_direct(f, &db).await;
+        let row = c
+            .query_one("SELECT doubled FROM gen WHERE id = 1", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42, "generated column computed on {}", f.name);
+    }
+
+    let text = scrape(metrics).await;
+    for f in &info.followers {
+        let l = format!("follower=\"{}\"", f.name);
+        assert!(
+            metric(&text, &format!("pgrelay_apply_transactions_total{{{l}}}")).unwrap() >= 800.0,
+            "{text}"
+        );
+        assert!(
+            metric(&text, &format!("pgrelay_apply_rows_total{{{l},op=\"insert\"}}")).unwrap() >= 800.0
+        );
+        assert!(
+            metric(&text, &format!("pgrelay_apply_rows_total{{{l},op=\"update\"}}")).unwrap() >= 900.0
+        );
+        assert!(
+            metric(&text, &format!("pgrelay_apply_rows_total{{{l},op=\"delete\"}}")).unwrap() >= 53.0
+        );
+        assert_eq!(metric(&text, &format!("pgrelay_apply_errors_total{{{l}}}")), Some(0.0));
+        assert!(metric(&text, &format!("pgrelay_slot_retained_bytes{{{l}}}")).is_some());
+        assert!(metric(&text, &format!("pgrelay_bootstrap_rows_total{{{l}}}")).unwrap() >= 2500.0);
+        assert_eq!(metric(&text, &format!("pgrelay_follower_up{{{l}}}")), Some(1.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_does_not_touch_a_toasted_value_keeps_it() {
+    let (info, db) = setup("toast").await;
+    let (addr, _) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    let client = connect_proxy(addr, &db).await;
+    // A value large enough to be stored out of line, written after the bootstrap.
+    client
+        .batch_execute(
+            "INSERT INTO docs (title, body) VALUES ('fresh', (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 5000) g));
+             UPDATE docs SET title = 'renamed' WHERE title IN ('big', 'fresh');",
+        )
+        .await
+        .unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    for f in &info.followers {
+        let c = connect_direct(f, &db).await;
+        let rows = c
+            .query("SELECT length(body) FROM docs WHERE title = 'renamed' ORDER BY id", &[])
+            .await
+            .unwrap();
+        let lengths: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(lengths, vec![240_000, 160_000], "bodies kept on {}", f.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_is_replicated_and_a_table_without_identity_refuses_updates() {
+    let (info, db) = setup("truncate").await;
+    let (addr, _) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    let client = connect_proxy(addr, &db).await;
+    client
+        .batch_execute("TRUNCATE ledger; INSERT INTO ledger (account, amount) VALUES (9, 9)")
+        .await
+        .unwrap();
+    // ledger has no primary key: inserts replicate, updates and deletes cannot identify rows.
+    let err = client
+        .batch_execute("UPDATE ledger SET amount = 10")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "55000");
+    let hint = err.as_db_error().and_then(|e| e.hint()).unwrap_or_default().to_owned();
+    assert!(hint.contains("REPLICA IDENTITY"), "hint: {hint}");
+    client.batch_execute("SELECT 1").await.unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    for f in &info.followers {
+        let c = connect_direct(f, &db).await;
+        let n: i64 = c.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        assert_eq!(n, 1, "truncated on {}", f.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_after_writes_see_them_in_row_mode() {
+    let (info, db) = setup("ryw").await;
+    let (addr, metrics) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect_proxy(addr, &db).await;
+            let mut stale = 0;
+            for i in 0..50 {
+                let id = 10_000 + worker * 1000 + i;
+                c.execute("INSERT INTO accounts VALUES ($1, 1, 'ryw', 'ok')", &[&id])
+                    .await
+                    .unwrap();
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM accounts WHERE id = $1", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n != 1 {
+                    stale += 1;
+                }
+            }
+            stale
+        }));
+    }
+    let mut stale = 0;
+    for t in tasks {
+        stale += t.await.unwrap();
+    }
+    assert_eq!(stale, 0, "reads that missed the session's own write");
+    let text = scrape(metrics).await;
+    let follower_reads: f64 = info
+        .followers
+        .iter()
+        .filter_map(|f| {
+            metric(
+                &text,
+                &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", f.name),
+            )
+        })
+        .sum();
+    assert!(follower_reads >= 100.0, "most reads served by followers: {follower_reads}\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_ack_returns_after_every_follower_applied() {
+    let (info, db) = setup("quorum").await;
+    let (addr, _) = start_proxy_with_metrics(row_config(
+        info,
+        &db,
+        "[replication]\nack = \"quorum:2\"\nack_timeout = \"20s\"\n",
+    ))
+    .await;
+    wait_bootstrapped(info, &db).await;
+    let client = connect_proxy(addr, &db).await;
+    let followers: Vec<_> = {
+        let mut v = Vec::new();
+        for f in &info.followers {
+            v.push(connect_direct(f, &db).await);
+        }
+        v
+    };
+    for i in 0..20 {
+        let id = 20_000 + i;
+        client
+            .execute("INSERT INTO accounts VALUES ($1, 1, 'acked', 'ok')", &[&id])
+            .await
+            .unwrap();
+        for f in &followers {
+            let n: i64 = f
+                .query_one("SELECT count(*) FROM accounts WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1, "commit {i} returned before a follower applied it");
+        }
+    }
+}
+
+/// Writes through pgrelay until told to stop: each transaction moves money and appends to the
+/// ledger (no key, so a duplicated insert would show). Returns how many commits succeeded.
+async fn load(addr: std::net::SocketAddr, db: String, stop: tokio::sync::watch::Receiver<bool>) -> u64 {
+    let mut committed = 0;
+    let mut client = None;
+    let mut i: i32 = 0;
+    while !*stop.borrow() {
+        if client.is_none() {
+            match tokio_postgres::connect(&common::proxy_conn_string(addr, &db), tokio_postgres::NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    client = Some(c);
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        i += 1;
+        let id = i % 1800 + 1;
+        let result = c
+            .batch_execute(&format!(
+                "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = {id}; \
+                 INSERT INTO ledger (account, amount) VALUES ({id}, {i}); COMMIT;"
+            ))
+            .await;
+        match result {
+            Ok(()) => committed += 1,
+            Err(_) => client = None,
+        }
+    }
+    committed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
+    let (info, db) = setup("kill").await;
+    let dir = cluster::test_dir("rowkill");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = row_config(info, &db, "");
+    let mut proxy = ProxyProcess::start(&config, &dir, "first");
+    wait_bootstrapped(info, &db).await;
+    let ledger_before: i64 = connect_direct(&info.leader, &db)
+        .await
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let first = tokio::spawn(load(proxy.addr, db.clone(), stop_rx.clone()));
+    // Kill it once the followers applied part of the load.
+    let follower = connect_direct(&info.followers[0], &db).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        let n: i64 = follower
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n > ledger_before + 100
+    })
+    .await;
+    proxy.kill();
+    stop_tx.send(true).unwrap();
+    let committed_first = first.await.unwrap();
+
+    let proxy = ProxyProcess::start(&config, &dir, "second");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let second = tokio::spawn(load(proxy.addr, db.clone(), stop_rx));
+    let leader = connect_direct(&info.leader, &db).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        let n: i64 = leader
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n as u64 > ledger_before as u64 + committed_first + 100
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    let committed_second = second.await.unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    // Every acknowledged commit is on the leader (one in flight at the kill may be too).
+    let ledger_after: i64 = leader
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let acked = committed_first + committed_second;
+    let added = (ledger_after - ledger_before) as u64;
+    assert!(added == acked || added == acked + 1, "added {added}, acknowledged {acked}");
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_stopped_during_the_load_catches_up() {
+    // Its own cluster: stopping a follower must not disturb the other tests.
+    let mut cluster = start_row_cluster(2, "rowdown");
+    let info = ClusterInfo {
+        leader: cluster.leader().clone(),
+        followers: cluster.followers().to_vec(),
+        bin_dir: cluster.bin_dir().to_path_buf(),
+    };
+    let db = leader_database(&info.leader, "down").await;
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
+    let (addr, metrics) = start_proxy_with_metrics(row_config(&info, &db, "")).await;
+    wait_bootstrapped(&info, &db).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(load(addr, db.clone(), stop_rx));
+    let stopped = info.followers[1].name.clone();
+    cluster.stop_node(&stopped).unwrap();
+    common::wait_until(Duration::from_secs(10), || async {
+        let text = scrape(metrics).await;
+        metric(&text, &format!("pgrelay_follower_up{{follower=\"{stopped}\"}}")) == Some(0.0)
+    })
+    .await;
+    // Writes go on while it is down; the other follower keeps up.
+    let leader = connect_direct(&info.leader, &db).await;
+    let before: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+    common::wait_until(Duration::from_secs(30), || async {
+        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        n > before + 200
+    })
+    .await;
+    cluster.start_node(&stopped).unwrap();
+    common::wait_until(Duration::from_secs(30), || async {
+        let text = scrape(metrics).await;
+        metric(&text, &format!("pgrelay_follower_up{{follower=\"{stopped}\"}}")) == Some(1.0)
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    assert!(writer.await.unwrap() > 0);
+    assert_converged(&info, &info.followers, &db, CONVERGE).await;
+    cluster.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_bootstrapped_while_writes_run_converges() {
+    let (info, db) = setup("underload").await;
+    // Writes straight to the leader while pgrelay copies it.
+    let leader_addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", info.leader.port).parse().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(load(leader_addr, db.clone(), stop_rx));
+    let leader = connect_direct(&info.leader, &db).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        n > 600
+    })
+    .await;
+    let (_addr, _) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    // Keep writing after the copy, then stop and compare.
+    let at_copy: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+    common::wait_until(Duration::from_secs(30), || async {
+        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        n > at_copy + 200
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    assert!(writer.await.unwrap() > 0);
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_behind_pgrelays_back_stops_the_follower_with_a_clear_error() {
+    let (info, db) = setup("behind").await;
+    let (addr, metrics) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    // Straight on the leader, not through pgrelay; then a change that uses the new column.
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute("ALTER TABLE accounts ADD COLUMN sneaky int")
+        .await
+        .unwrap();
+    // The operator fixes the second follower by hand; the first stays different.
+    let fixed = &info.followers[1];
+    connect_direct(fixed, &db)
+        .await
+        .batch_execute("ALTER TABLE accounts ADD COLUMN sneaky int")
+        .await
+        .unwrap();
+    let client = connect_proxy(addr, &db).await;
+    client
+        .batch_execute("UPDATE accounts SET sneaky = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    let broken = &info.followers[0];
+    common::wait_until(Duration::from_secs(30), || async {
+        let text = scrape(metrics).await;
+        metric(&text, &format!("pgrelay_follower_up{{follower=\"{}\"}}", broken.name)) == Some(0.0)
+            && metric(&text, &format!("pgrelay_apply_errors_total{{follower=\"{}\"}}", broken.name))
+                .unwrap_or(0.0)
+                >= 1.0
+    })
+    .await;
+    // The other follower goes on.
+    assert_converged(info, std::slice::from_ref(fixed), &db, CONVERGE).await;
+    let text = scrape(metrics).await;
+    assert_eq!(
+        metric(&text, &format!("pgrelay_follower_up{{follower=\"{}\"}}", fixed.name)),
+        Some(1.0)
+    );
+    // Reads no longer go to the broken follower.
+    let before = metric(&text, &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", broken.name)).unwrap_or(0.0);
+    for _ in 0..10 {
+        client.query("SELECT count(*) FROM accounts", &[]).await.unwrap();
+    }
+    let text = scrape(metrics).await;
+    let after = metric(&text, &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", broken.name)).unwrap_or(0.0);
+    assert_eq!(before, after, "reads went to the follower that stopped applying");
+}
+
+/// `Command::output` with a script on stdin.
+trait StdinScript {
+    fn stdin_script(&mut self, script: &str) -> std::process::Output;
+}
+
+impl StdinScript for std::process::Command {
+    fn stdin_script(&mut self, script: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
