@@ -387,7 +387,8 @@ async fn a_follower_stopped_during_the_load_catches_up() {
         .batch_execute(SCHEMA)
         .await
         .unwrap();
-    let (addr, metrics) = start_proxy_with_metrics(row_config(&info, &db, "")).await;
+    let proxy = common::start_running_proxy(row_config(&info, &db, "")).await;
+    let (addr, metrics) = (proxy.addr, proxy.metrics_addr.unwrap());
     wait_bootstrapped(&info, &db).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(load(addr, db.clone(), stop_rx));
@@ -415,6 +416,7 @@ async fn a_follower_stopped_during_the_load_catches_up() {
     stop_tx.send(true).unwrap();
     assert!(writer.await.unwrap() > 0);
     assert_converged(&info, &info.followers, &db, CONVERGE).await;
+    proxy.stop().await;
     cluster.shutdown();
 }
 

@@ -189,6 +189,16 @@ pub async fn start_proxy_with_metrics(config_text: String) -> (SocketAddr, Socke
         .unwrap()
 }
 
+/// Starts a proxy that the test stops itself (`RunningProxy::stop`), for tests whose nodes do
+/// not outlive them.
+pub async fn start_running_proxy(config_text: String) -> RunningProxy {
+    let config = Config::parse(&config_text).expect("valid test config");
+    proxy_runtime()
+        .spawn(async move { RunningProxy::start(config).await.expect("proxy starts") })
+        .await
+        .unwrap()
+}
+
 /// The Prometheus text a proxy serves on `/metrics`.
 pub async fn scrape(metrics: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -64,7 +64,7 @@ pub struct Applier {
     /// Leader relations as the stream described them, by relation id.
     relations: HashMap<u32, crate::protocol::pgoutput::Relation>,
     /// Those relations matched against the follower's tables.
-    tables: HashMap<u32, Table>,
+    tables: HashMap<u32, Arc<Table>>,
     /// Leader type OID -> `schema.name`, from Type messages.
     types: HashMap<u32, String>,
     statements: HashMap<StatementKey, String>,
@@ -349,7 +349,7 @@ impl Applier {
 
     /// The follower's table for a leader relation, matched on first use after each Relation
     /// message.
-    async fn table(&mut self, relation: u32) -> Result<&Table, RowError> {
+    async fn table(&mut self, relation: u32) -> Result<Arc<Table>, RowError> {
         if !self.tables.contains_key(&relation) {
             let rel = self.relations.get(&relation).cloned().ok_or_else(|| {
                 RowError::Decode(format!("change for relation {relation} before its description"))
@@ -380,10 +380,11 @@ impl Applier {
                 self.generation,
             )
             .map_err(|e| RowError::Mismatch(format!("follower \"{}\": {e}", self.follower)))?;
-            self.tables.insert(relation, table);
+            self.tables.insert(relation, Arc::new(table));
         }
         self.tables
             .get(&relation)
+            .cloned()
             .ok_or_else(|| RowError::Decode(format!("relation {relation} vanished")))
     }
 
@@ -409,7 +410,7 @@ impl Applier {
     }
 
     async fn insert(&mut self, i: Insert) -> Result<(), RowError> {
-        let table = self.table(i.relation).await?.clone();
+        let table = self.table(i.relation).await?;
         let all: Vec<usize> = (0..table.relation.columns.len()).collect();
         let params = values(&i.new, &all, &table, "insert")?;
         let key = (i.relation, table.generation, Op::Insert, all, Vec::new());
@@ -426,7 +427,7 @@ impl Applier {
     }
 
     async fn update(&mut self, u: Update) -> Result<(), RowError> {
-        let table = self.table(u.relation).await?.clone();
+        let table = self.table(u.relation).await?;
         // Unchanged TOASTed columns keep the follower's value: they are not set.
         let set: Vec<usize> = u
             .new
@@ -458,7 +459,7 @@ impl Applier {
     }
 
     async fn delete(&mut self, d: Delete) -> Result<(), RowError> {
-        let table = self.table(d.relation).await?.clone();
+        let table = self.table(d.relation).await?;
         let (key_tuple, key) = identify(&table, Some(&d.old), &d.old.tuple);
         let params = values(key_tuple, &key, &table, "delete")?;
         let types = table.types_of(key.iter());
