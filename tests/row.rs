@@ -373,7 +373,7 @@ async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_stopped_during_the_load_catches_up() {
+async fn a_follower_stopped_and_a_leader_restarted_during_the_load_catch_up() {
     // Its own cluster: stopping a follower must not disturb the other tests.
     let mut cluster = start_row_cluster(2, "rowdown");
     let info = ClusterInfo {
@@ -411,6 +411,17 @@ async fn a_follower_stopped_during_the_load_catches_up() {
     common::wait_until(Duration::from_secs(30), || async {
         let text = scrape(metrics).await;
         metric(&text, &format!("pgrelay_follower_up{{follower=\"{stopped}\"}}")) == Some(1.0)
+    })
+    .await;
+    // The leader restarts under the load: the streams resume from what each follower recorded.
+    let leader_name = info.leader.name.clone();
+    cluster.stop_node(&leader_name).unwrap();
+    cluster.start_node(&leader_name).unwrap();
+    let leader = connect_direct(&info.leader, &db).await;
+    let before: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+    common::wait_until(Duration::from_secs(30), || async {
+        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        n > before + 200
     })
     .await;
     stop_tx.send(true).unwrap();
