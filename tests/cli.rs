@@ -74,7 +74,10 @@ fn config_errors_name_the_problem() {
 
 #[test]
 fn demo_modes_not_built_yet_say_so() {
-    let out = pgrelay().args(["demo", "--mode", "statement"]).output().unwrap();
+    let out = pgrelay()
+        .args(["demo", "--mode", "statement"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not available yet"), "{stderr}");

@@ -68,9 +68,19 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
             .query_one("SELECT last_value FROM docs_id_seq", &[])
             .await
             .unwrap();
-        assert_eq!(row.get::<_, i64>(0), 2, "sequence value copied to {}", f.name);
+        assert_eq!(
+            row.get::<_, i64>(0),
+            2,
+            "sequence value copied to {}",
+            f.name
+        );
         let row = c.query_one("SELECT count(*) FROM rich", &[]).await.unwrap();
-        assert_eq!(row.get::<_, i64>(0), 2000, "materialized view refreshed on {}", f.name);
+        assert_eq!(
+            row.get::<_, i64>(0),
+            2000,
+            "materialized view refreshed on {}",
+            f.name
+        );
     }
 
     let client = connect_proxy(addr, &db).await;
@@ -104,7 +114,11 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
              INSERT INTO ledger (account, amount) VALUES (:id, 1);\n\
              END;\n",
         );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     for f in &info.followers {
         let c = connect_direct(f, &db).await;
@@ -112,7 +126,12 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
             .query_one("SELECT doubled FROM gen WHERE id = 1", &[])
             .await
             .unwrap();
-        assert_eq!(row.get::<_, i32>(0), 42, "generated column computed on {}", f.name);
+        assert_eq!(
+            row.get::<_, i32>(0),
+            42,
+            "generated column computed on {}",
+            f.name
+        );
     }
 
     let text = scrape(metrics).await;
@@ -123,18 +142,39 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
             "{text}"
         );
         assert!(
-            metric(&text, &format!("pgrelay_apply_rows_total{{{l},op=\"insert\"}}")).unwrap() >= 800.0
+            metric(
+                &text,
+                &format!("pgrelay_apply_rows_total{{{l},op=\"insert\"}}")
+            )
+            .unwrap()
+                >= 800.0
         );
         assert!(
-            metric(&text, &format!("pgrelay_apply_rows_total{{{l},op=\"update\"}}")).unwrap() >= 900.0
+            metric(
+                &text,
+                &format!("pgrelay_apply_rows_total{{{l},op=\"update\"}}")
+            )
+            .unwrap()
+                >= 900.0
         );
         assert!(
-            metric(&text, &format!("pgrelay_apply_rows_total{{{l},op=\"delete\"}}")).unwrap() >= 53.0
+            metric(
+                &text,
+                &format!("pgrelay_apply_rows_total{{{l},op=\"delete\"}}")
+            )
+            .unwrap()
+                >= 53.0
         );
-        assert_eq!(metric(&text, &format!("pgrelay_apply_errors_total{{{l}}}")), Some(0.0));
+        assert_eq!(
+            metric(&text, &format!("pgrelay_apply_errors_total{{{l}}}")),
+            Some(0.0)
+        );
         assert!(metric(&text, &format!("pgrelay_slot_retained_bytes{{{l}}}")).is_some());
         assert!(metric(&text, &format!("pgrelay_bootstrap_rows_total{{{l}}}")).unwrap() >= 2500.0);
-        assert_eq!(metric(&text, &format!("pgrelay_follower_up{{{l}}}")), Some(1.0));
+        assert_eq!(
+            metric(&text, &format!("pgrelay_follower_up{{{l}}}")),
+            Some(1.0)
+        );
     }
 }
 
@@ -156,7 +196,10 @@ async fn an_update_that_does_not_touch_a_toasted_value_keeps_it() {
     for f in &info.followers {
         let c = connect_direct(f, &db).await;
         let rows = c
-            .query("SELECT length(body) FROM docs WHERE title = 'renamed' ORDER BY id", &[])
+            .query(
+                "SELECT length(body) FROM docs WHERE title = 'renamed' ORDER BY id",
+                &[],
+            )
             .await
             .unwrap();
         let lengths: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
@@ -180,13 +223,21 @@ async fn truncate_is_replicated_and_a_table_without_identity_refuses_updates() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err), "55000");
-    let hint = err.as_db_error().and_then(|e| e.hint()).unwrap_or_default().to_owned();
+    let hint = err
+        .as_db_error()
+        .and_then(|e| e.hint())
+        .unwrap_or_default()
+        .to_owned();
     assert!(hint.contains("REPLICA IDENTITY"), "hint: {hint}");
     client.batch_execute("SELECT 1").await.unwrap();
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     for f in &info.followers {
         let c = connect_direct(f, &db).await;
-        let n: i64 = c.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, 1, "truncated on {}", f.name);
     }
 }
@@ -231,11 +282,17 @@ async fn reads_after_writes_see_them_in_row_mode() {
         .filter_map(|f| {
             metric(
                 &text,
-                &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", f.name),
+                &format!(
+                    "pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}",
+                    f.name
+                ),
             )
         })
         .sum();
-    assert!(follower_reads >= 100.0, "most reads served by followers: {follower_reads}\n{text}");
+    assert!(
+        follower_reads >= 100.0,
+        "most reads served by followers: {follower_reads}\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,13 +332,22 @@ async fn quorum_ack_returns_after_every_follower_applied() {
 
 /// Writes through pgrelay until told to stop: each transaction moves money and appends to the
 /// ledger (no key, so a duplicated insert would show). Returns how many commits succeeded.
-async fn load(addr: std::net::SocketAddr, db: String, stop: tokio::sync::watch::Receiver<bool>) -> u64 {
+async fn load(
+    addr: std::net::SocketAddr,
+    db: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
     let mut committed = 0;
     let mut client = None;
     let mut i: i32 = 0;
     while !*stop.borrow() {
         if client.is_none() {
-            match tokio_postgres::connect(&common::proxy_conn_string(addr, &db), tokio_postgres::NoTls).await {
+            match tokio_postgres::connect(
+                &common::proxy_conn_string(addr, &db),
+                tokio_postgres::NoTls,
+            )
+            .await
+            {
                 Ok((c, conn)) => {
                     tokio::spawn(async move {
                         let _ = conn.await;
@@ -367,13 +433,16 @@ async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
         .get(0);
     let acked = committed_first + committed_second;
     let added = (ledger_after - ledger_before) as u64;
-    assert!(added == acked || added == acked + 1, "added {added}, acknowledged {acked}");
+    assert!(
+        added == acked || added == acked + 1,
+        "added {added}, acknowledged {acked}"
+    );
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_stopped_and_a_leader_restarted_during_the_load_catch_up() {
+async fn a_follower_stopped_and_a_leader_crashed_during_the_load_catch_up() {
     // Its own cluster: stopping a follower must not disturb the other tests.
     let mut cluster = start_row_cluster(2, "rowdown");
     let info = ClusterInfo {
@@ -396,31 +465,55 @@ async fn a_follower_stopped_and_a_leader_restarted_during_the_load_catch_up() {
     cluster.stop_node(&stopped).unwrap();
     common::wait_until(Duration::from_secs(10), || async {
         let text = scrape(metrics).await;
-        metric(&text, &format!("pgrelay_follower_up{{follower=\"{stopped}\"}}")) == Some(0.0)
+        metric(
+            &text,
+            &format!("pgrelay_follower_up{{follower=\"{stopped}\"}}"),
+        ) == Some(0.0)
     })
     .await;
     // Writes go on while it is down; the other follower keeps up.
     let leader = connect_direct(&info.leader, &db).await;
-    let before: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+    let before: i64 = leader
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        let n: i64 = leader
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
         n > before + 200
     })
     .await;
     cluster.start_node(&stopped).unwrap();
     common::wait_until(Duration::from_secs(30), || async {
         let text = scrape(metrics).await;
-        metric(&text, &format!("pgrelay_follower_up{{follower=\"{stopped}\"}}")) == Some(1.0)
+        metric(
+            &text,
+            &format!("pgrelay_follower_up{{follower=\"{stopped}\"}}"),
+        ) == Some(1.0)
     })
     .await;
-    // The leader restarts under the load: the streams resume from what each follower recorded.
+    // The leader crashes under the load (no checkpoint, so its slots forget how far the
+    // followers confirmed and send those transactions again): the appliers skip what each
+    // follower recorded, and resume after it.
     let leader_name = info.leader.name.clone();
-    cluster.stop_node(&leader_name).unwrap();
+    cluster.crash_node(&leader_name).unwrap();
     cluster.start_node(&leader_name).unwrap();
     let leader = connect_direct(&info.leader, &db).await;
-    let before: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+    let before: i64 = leader
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        let n: i64 = leader
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
         n > before + 200
     })
     .await;
@@ -441,16 +534,28 @@ async fn a_follower_bootstrapped_while_writes_run_converges() {
     let writer = tokio::spawn(load(leader_addr, db.clone(), stop_rx));
     let leader = connect_direct(&info.leader, &db).await;
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        let n: i64 = leader
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
         n > 600
     })
     .await;
     let (_addr, _) = start_proxy_with_metrics(row_config(info, &db, "")).await;
     wait_bootstrapped(info, &db).await;
     // Keep writing after the copy, then stop and compare.
-    let at_copy: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+    let at_copy: i64 = leader
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+        let n: i64 = leader
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
         n > at_copy + 200
     })
     .await;
@@ -485,9 +590,15 @@ async fn ddl_behind_pgrelays_back_stops_the_follower_with_a_clear_error() {
     let broken = &info.followers[0];
     common::wait_until(Duration::from_secs(30), || async {
         let text = scrape(metrics).await;
-        metric(&text, &format!("pgrelay_follower_up{{follower=\"{}\"}}", broken.name)) == Some(0.0)
-            && metric(&text, &format!("pgrelay_apply_errors_total{{follower=\"{}\"}}", broken.name))
-                .unwrap_or(0.0)
+        metric(
+            &text,
+            &format!("pgrelay_follower_up{{follower=\"{}\"}}", broken.name),
+        ) == Some(0.0)
+            && metric(
+                &text,
+                &format!("pgrelay_apply_errors_total{{follower=\"{}\"}}", broken.name),
+            )
+            .unwrap_or(0.0)
                 >= 1.0
     })
     .await;
@@ -495,17 +606,40 @@ async fn ddl_behind_pgrelays_back_stops_the_follower_with_a_clear_error() {
     assert_converged(info, std::slice::from_ref(fixed), &db, CONVERGE).await;
     let text = scrape(metrics).await;
     assert_eq!(
-        metric(&text, &format!("pgrelay_follower_up{{follower=\"{}\"}}", fixed.name)),
+        metric(
+            &text,
+            &format!("pgrelay_follower_up{{follower=\"{}\"}}", fixed.name)
+        ),
         Some(1.0)
     );
     // Reads no longer go to the broken follower.
-    let before = metric(&text, &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", broken.name)).unwrap_or(0.0);
+    let before = metric(
+        &text,
+        &format!(
+            "pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}",
+            broken.name
+        ),
+    )
+    .unwrap_or(0.0);
     for _ in 0..10 {
-        client.query("SELECT count(*) FROM accounts", &[]).await.unwrap();
+        client
+            .query("SELECT count(*) FROM accounts", &[])
+            .await
+            .unwrap();
     }
     let text = scrape(metrics).await;
-    let after = metric(&text, &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", broken.name)).unwrap_or(0.0);
-    assert_eq!(before, after, "reads went to the follower that stopped applying");
+    let after = metric(
+        &text,
+        &format!(
+            "pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}",
+            broken.name
+        ),
+    )
+    .unwrap_or(0.0);
+    assert_eq!(
+        before, after,
+        "reads went to the follower that stopped applying"
+    );
 }
 
 /// `Command::output` with a script on stdin.
@@ -522,7 +656,128 @@ impl StdinScript for std::process::Command {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     }
+}
+
+/// The applier against a real follower database, fed a stream by hand: a transaction the
+/// leader sends again after a restart (its slot had not heard that the follower committed it)
+/// is skipped, because the follower recorded its end position in the same transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_sent_again_is_not_applied_twice() {
+    use pgrelay::protocol::pgoutput::{
+        Begin, Column, Commit, Insert, Message, Relation, ReplicaIdentity, Tuple, Value,
+    };
+    use pgrelay::replication::row::{apply::Applier, setup};
+
+    let info = row_cluster();
+    let follower = &info.followers[0];
+    let db = leader_database(follower, "resend").await;
+    connect_direct(follower, &db)
+        .await
+        .batch_execute(&format!(
+            "{}; CREATE TABLE public.ledger (account int, amount bigint)",
+            setup::APPLIED_TABLE_SQL
+        ))
+        .await
+        .unwrap();
+    let config = pgrelay::config::Config::parse(&row_config(info, &db, "")).unwrap();
+    let stream = |begin: u64| {
+        vec![
+            Message::Relation(Relation {
+                id: 42,
+                namespace: "public".into(),
+                name: "ledger".into(),
+                replica_identity: ReplicaIdentity::Default,
+                columns: vec![
+                    Column {
+                        key: false,
+                        name: "account".into(),
+                        type_oid: 23,
+                        type_modifier: -1,
+                    },
+                    Column {
+                        key: false,
+                        name: "amount".into(),
+                        type_oid: 20,
+                        type_modifier: -1,
+                    },
+                ],
+            }),
+            Message::Begin(Begin {
+                final_lsn: begin,
+                commit_time: 0,
+                xid: 7,
+            }),
+            Message::Insert(Insert {
+                relation: 42,
+                new: Tuple(vec![
+                    Value::Text("1".into()),
+                    Value::Text(begin.to_string().into()),
+                ]),
+            }),
+            Message::Commit(Commit {
+                flags: 0,
+                commit_lsn: begin,
+                end_lsn: begin + 0x10,
+                commit_time: 0,
+            }),
+        ]
+    };
+    let count = || async {
+        connect_direct(follower, &db)
+            .await
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let applied_on_follower = || async {
+        connect_direct(follower, &db)
+            .await
+            .query_one(
+                "SELECT position::text FROM pgrelay.applied WHERE source = 'src'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+
+    let conn = pgrelay::backend::connect_own(&config, 1, &db, "test applier", false)
+        .await
+        .unwrap();
+    let mut applier = Applier::new(conn, &follower.name, "src", 0x100, None);
+    for m in stream(0x200) {
+        applier.apply(0x200, m).await.unwrap();
+    }
+    applier.finish_group().await.unwrap();
+    assert_eq!(applier.applied(), 0x210);
+    applier.close().await;
+    assert_eq!(count().await, 1);
+    assert_eq!(applied_on_follower().await, "0/210");
+
+    // pgrelay restarts from the recorded position; the leader sends that transaction again,
+    // then a new one.
+    let conn = pgrelay::backend::connect_own(&config, 1, &db, "test applier", false)
+        .await
+        .unwrap();
+    let mut applier = Applier::new(conn, &follower.name, "src", 0x210, None);
+    for m in stream(0x200).into_iter().chain(stream(0x300)) {
+        applier.apply(0x300, m).await.unwrap();
+    }
+    applier.finish_group().await.unwrap();
+    applier.close().await;
+    assert_eq!(
+        count().await,
+        2,
+        "the transaction sent again was applied again"
+    );
+    assert_eq!(applied_on_follower().await, "0/310");
 }

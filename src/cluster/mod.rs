@@ -279,6 +279,12 @@ impl LocalCluster {
         self.node_mut(name)?.stop()
     }
 
+    /// Stops a node the way a crash would (immediate shutdown, no checkpoint).
+    pub fn crash_node(&mut self, name: &str) -> Result<(), ClusterError> {
+        tracing::info!(node = name, "crashing node");
+        self.node_mut(name)?.crash()
+    }
+
     /// Starts a stopped node again on its old port and waits until it is ready (a standby: streaming).
     pub fn start_node(&mut self, name: &str) -> Result<(), ClusterError> {
         tracing::info!(node = name, "starting node");

@@ -333,6 +333,20 @@ impl Node {
         Ok(())
     }
 
+    /// Immediate shutdown (SIGQUIT): no checkpoint, so the next start runs crash recovery, as
+    /// after a power loss.
+    pub fn crash(&mut self) -> Result<(), ClusterError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        signal(&child, libc::SIGQUIT);
+        if !wait_exit(&mut child, QUIT_TIMEOUT)? {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
     fn kill_now(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

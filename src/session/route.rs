@@ -196,9 +196,7 @@ impl Session {
         let caught_up = positions
             .wait_until(wait, |p| {
                 followers.iter().any(|&f| {
-                    nodes.is_up(f)
-                        && p.serves(f, database)
-                        && needs.satisfied_by(&p.follower(f))
+                    nodes.is_up(f) && p.serves(f, database) && needs.satisfied_by(&p.follower(f))
                 })
             })
             .await;

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use pgrelay::cluster::{self, ClusterOptions, FollowerKind, LocalCluster, NodeInfo};
 
-use super::{
-    block_on_fresh, connect_direct, proxy_config, ClusterInfo, PASSWORD, SUPERUSER,
-};
+use super::{block_on_fresh, connect_direct, proxy_config, ClusterInfo, PASSWORD, SUPERUSER};
 
 static ROW_CLUSTER: Mutex<Option<LocalCluster>> = Mutex::new(None);
 static ROW_INFO: OnceLock<ClusterInfo> = OnceLock::new();
@@ -113,13 +111,19 @@ pub async fn applied(follower: &NodeInfo, db: &str) -> Option<String> {
 /// Waits until every follower finished copying `db`.
 pub async fn wait_bootstrapped(info: &ClusterInfo, db: &str) {
     for f in &info.followers {
-        super::wait_until(Duration::from_secs(60), || async { applied(f, db).await.is_some() })
-            .await;
+        super::wait_until(Duration::from_secs(60), || async {
+            applied(f, db).await.is_some()
+        })
+        .await;
     }
 }
 
 /// Row count and an order-independent digest of every user table of `db` on `node`.
-pub async fn digests(node: &NodeInfo, db: &str, tables: &[String]) -> BTreeMap<String, (i64, String)> {
+pub async fn digests(
+    node: &NodeInfo,
+    db: &str,
+    tables: &[String],
+) -> BTreeMap<String, (i64, String)> {
     let client = connect_direct(node, db).await;
     let mut out = BTreeMap::new();
     for t in tables {
@@ -158,7 +162,12 @@ pub async fn tables(leader: &NodeInfo, db: &str) -> Vec<String> {
 
 /// Waits until every follower has exactly the leader's rows in every table of `db`; fails
 /// with the differing tables at the deadline.
-pub async fn assert_converged(info: &ClusterInfo, followers: &[NodeInfo], db: &str, deadline: Duration) {
+pub async fn assert_converged(
+    info: &ClusterInfo,
+    followers: &[NodeInfo],
+    db: &str,
+    deadline: Duration,
+) {
     let end = Instant::now() + deadline;
     let tables = tables(&info.leader, db).await;
     assert!(!tables.is_empty(), "no tables to compare in {db}");
@@ -169,14 +178,22 @@ pub async fn assert_converged(info: &ClusterInfo, followers: &[NodeInfo], db: &s
             let theirs = digests(f, db, &tables).await;
             for (t, v) in &leader {
                 if theirs.get(t) != Some(v) {
-                    diff.push(format!("{}: {t} leader {v:?} follower {:?}", f.name, theirs.get(t)));
+                    diff.push(format!(
+                        "{}: {t} leader {v:?} follower {:?}",
+                        f.name,
+                        theirs.get(t)
+                    ));
                 }
             }
         }
         if diff.is_empty() {
             return;
         }
-        assert!(Instant::now() < end, "not converged within {deadline:?}:\n{}", diff.join("\n"));
+        assert!(
+            Instant::now() < end,
+            "not converged within {deadline:?}:\n{}",
+            diff.join("\n")
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -196,8 +213,14 @@ impl ProxyProcess {
         let port = cluster::free_port().unwrap();
         let mport = cluster::free_port().unwrap();
         let text = config
-            .replace("listen = \"127.0.0.1:0\"\nnode_retry", &format!("listen = \"127.0.0.1:{port}\"\nnode_retry"))
-            .replace("[metrics]\nlisten = \"127.0.0.1:0\"", &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""));
+            .replace(
+                "listen = \"127.0.0.1:0\"\nnode_retry",
+                &format!("listen = \"127.0.0.1:{port}\"\nnode_retry"),
+            )
+            .replace(
+                "[metrics]\nlisten = \"127.0.0.1:0\"",
+                &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""),
+            );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, text).unwrap();
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();

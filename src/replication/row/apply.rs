@@ -180,7 +180,8 @@ impl Applier {
                 self.relations.insert(r.id, r);
             }
             Message::Type(t) => {
-                self.types.insert(t.id, format!("{}.{}", t.namespace, t.name));
+                self.types
+                    .insert(t.id, format!("{}.{}", t.namespace, t.name));
             }
             Message::Insert(i) if !self.skipping => self.insert(i).await?,
             Message::Update(u) if !self.skipping => self.update(u).await?,
@@ -203,7 +204,12 @@ impl Applier {
         if !self.prepared_fixed {
             fe::parse(&mut self.conn.wbuf, "pgrelay_begin", "BEGIN", &[]);
             fe::parse(&mut self.conn.wbuf, "pgrelay_commit", "COMMIT", &[]);
-            fe::parse(&mut self.conn.wbuf, "pgrelay_record", &self.record_sql, &[0]);
+            fe::parse(
+                &mut self.conn.wbuf,
+                "pgrelay_record",
+                &self.record_sql,
+                &[0],
+            );
             self.prepared_fixed = true;
         }
     }
@@ -295,7 +301,11 @@ impl Applier {
                             Op::Update | Op::Delete if rows == Some(0) => {
                                 failure = Some(RowError::Diverged(format!(
                                     "the row to {} in {} is missing on follower \"{}\"",
-                                    if check.op == Op::Update { "update" } else { "delete" },
+                                    if check.op == Op::Update {
+                                        "update"
+                                    } else {
+                                        "delete"
+                                    },
                                     self.table_name(check.relation),
                                     self.follower
                                 )));
@@ -312,11 +322,9 @@ impl Applier {
                     let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
                     let check = self.checks.front();
                     let what = match check {
-                        Some(c) if c.relation != 0 => format!(
-                            "{:?} on {}",
-                            c.op,
-                            self.table_name(c.relation)
-                        ),
+                        Some(c) if c.relation != 0 => {
+                            format!("{:?} on {}", c.op, self.table_name(c.relation))
+                        }
                         _ => "a statement".to_owned(),
                     };
                     failure = Some(RowError::Follower(format!(
@@ -352,7 +360,9 @@ impl Applier {
     async fn table(&mut self, relation: u32) -> Result<Arc<Table>, RowError> {
         if !self.tables.contains_key(&relation) {
             let rel = self.relations.get(&relation).cloned().ok_or_else(|| {
-                RowError::Decode(format!("change for relation {relation} before its description"))
+                RowError::Decode(format!(
+                    "change for relation {relation} before its description"
+                ))
             })?;
             // Queued statements first: the follower's catalog must reflect them.
             self.sync_keep_open().await?;
@@ -445,7 +455,13 @@ impl Applier {
             .map(|&i| table.param_types.get(i).copied().unwrap_or(0))
             .chain(table.types_of(key.iter()))
             .collect();
-        let sql_key = (u.relation, table.generation, Op::Update, set.clone(), key.clone());
+        let sql_key = (
+            u.relation,
+            table.generation,
+            Op::Update,
+            set.clone(),
+            key.clone(),
+        );
         let name = self.statement(sql_key, || (table.update_sql(&set, &key), types));
         self.run(
             &name,
@@ -463,7 +479,13 @@ impl Applier {
         let (key_tuple, key) = identify(&table, Some(&d.old), &d.old.tuple);
         let params = values(key_tuple, &key, &table, "delete")?;
         let types = table.types_of(key.iter());
-        let sql_key = (d.relation, table.generation, Op::Delete, Vec::new(), key.clone());
+        let sql_key = (
+            d.relation,
+            table.generation,
+            Op::Delete,
+            Vec::new(),
+            key.clone(),
+        );
         let name = self.statement(sql_key, || (table.delete_sql(&key), types));
         self.run(
             &name,
@@ -491,7 +513,11 @@ impl Applier {
         let sql = format!(
             "TRUNCATE ONLY {}{}{}",
             names.join(", "),
-            if t.restart_identity { " RESTART IDENTITY" } else { "" },
+            if t.restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            },
             if t.cascade { " CASCADE" } else { "" }
         );
         fe::parse(&mut self.conn.wbuf, "", &sql, &[]);
@@ -591,7 +617,11 @@ impl Applier {
 
 /// Which tuple and columns identify the old row: the old key or old row when the stream sent
 /// one, else the key columns of the new row (the key did not change).
-fn identify<'a>(table: &Table, old: Option<&'a OldTuple>, new: &'a Tuple) -> (&'a Tuple, Vec<usize>) {
+fn identify<'a>(
+    table: &Table,
+    old: Option<&'a OldTuple>,
+    new: &'a Tuple,
+) -> (&'a Tuple, Vec<usize>) {
     let key = table.key_columns();
     match old {
         Some(old) => {

@@ -142,12 +142,21 @@ impl Bootstrap<'_> {
             .user(user)
             .map(|u| u.password.expose().to_owned())
             .unwrap_or_default();
-        let file = self.work_dir.join(format!("pgrelay-schema-{}.sql", self.source));
+        let file = self
+            .work_dir
+            .join(format!("pgrelay-schema-{}.sql", self.source));
         let out = Command::new(tool(self.config, "pg_dump"))
             .args(["--schema-only", "--no-publications", "--no-subscriptions"])
             .args(["--exclude-schema", "pgrelay"])
             .arg(format!("--snapshot={}", self.snapshot))
-            .args(["-h", &leader.host, "-p", &leader.port.to_string(), "-U", user])
+            .args([
+                "-h",
+                &leader.host,
+                "-p",
+                &leader.port.to_string(),
+                "-U",
+                user,
+            ])
             .args(["-d", self.database, "-f"])
             .arg(&file)
             .env("PGPASSWORD", &password)
@@ -155,7 +164,11 @@ impl Bootstrap<'_> {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|e| RowError::Setup(format!("cannot run pg_dump: {e} (set replication.pg_bin_dir)")))?;
+            .map_err(|e| {
+                RowError::Setup(format!(
+                    "cannot run pg_dump: {e} (set replication.pg_bin_dir)"
+                ))
+            })?;
         if !out.status.success() {
             return Err(RowError::Leader(format!(
                 "pg_dump of the schema failed: {}",
@@ -164,7 +177,14 @@ impl Bootstrap<'_> {
         }
         let out = Command::new(tool(self.config, "psql"))
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"])
-            .args(["-h", &follower.host, "-p", &follower.port.to_string(), "-U", user])
+            .args([
+                "-h",
+                &follower.host,
+                "-p",
+                &follower.port.to_string(),
+                "-U",
+                user,
+            ])
             .args(["-d", self.database, "-f"])
             .arg(&file)
             .env("PGPASSWORD", &password)
@@ -173,7 +193,9 @@ impl Bootstrap<'_> {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|e| RowError::Setup(format!("cannot run psql: {e} (set replication.pg_bin_dir)")))?;
+            .map_err(|e| {
+                RowError::Setup(format!("cannot run psql: {e} (set replication.pg_bin_dir)"))
+            })?;
         let _ = std::fs::remove_file(&file);
         if !out.status.success() {
             return Err(RowError::Follower(format!(
@@ -340,7 +362,10 @@ async fn copy_table(
             tag::ERROR_RESPONSE => {
                 let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
                 let _ = follower.read_frame().await;
-                return Err(RowError::Follower(format!("COPY {table} FROM STDIN: {}", f.message)));
+                return Err(RowError::Follower(format!(
+                    "COPY {table} FROM STDIN: {}",
+                    f.message
+                )));
             }
             _ => {}
         }
@@ -385,7 +410,11 @@ async fn copy_table(
                     .unwrap_or(0);
             }
             tag::ERROR_RESPONSE => {
-                error = Some(be::parse_error_fields(&frame.body()).unwrap_or_default().message);
+                error = Some(
+                    be::parse_error_fields(&frame.body())
+                        .unwrap_or_default()
+                        .message,
+                );
             }
             tag::READY_FOR_QUERY => break,
             _ => {}

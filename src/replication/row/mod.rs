@@ -64,7 +64,10 @@ impl RowError {
     fn is_apply_error(&self) -> bool {
         matches!(
             self,
-            RowError::Follower(_) | RowError::Mismatch(_) | RowError::Diverged(_) | RowError::Decode(_)
+            RowError::Follower(_)
+                | RowError::Mismatch(_)
+                | RowError::Diverged(_)
+                | RowError::Decode(_)
         )
     }
 }
@@ -107,7 +110,8 @@ pub fn spawn(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    let history = super::physical::spawn_leader_sampler(&config, &positions, &metrics, tracker, &stop);
+    let history =
+        super::physical::spawn_leader_sampler(&config, &positions, &metrics, tracker, &stop);
     for node in 0..config.nodes.len() {
         if node == config.leader {
             continue;
@@ -126,14 +130,23 @@ pub fn spawn(
 }
 
 /// Lists the leader's databases (or the configured ones).
-async fn databases(config: &Config, leader: &mut Option<BackendConn>) -> Result<Vec<String>, String> {
+async fn databases(
+    config: &Config,
+    leader: &mut Option<BackendConn>,
+) -> Result<Vec<String>, String> {
     if !config.replication.databases.is_empty() {
         return Ok(config.replication.databases.clone());
     }
     if leader.is_none() {
         *leader = Some(
-            connect_own(config, config.leader, &config.replication.database, "pgrelay row supervisor", false)
-                .await?,
+            connect_own(
+                config,
+                config.leader,
+                &config.replication.database,
+                "pgrelay row supervisor",
+                false,
+            )
+            .await?,
         );
     }
     let Some(conn) = leader.as_mut() else {
@@ -161,7 +174,11 @@ async fn follower_task(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let name = config.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default();
+    let name = config
+        .nodes
+        .get(node)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
     let shared = Arc::new(FollowerShared {
         states: Mutex::new(HashMap::new()),
         changed: Notify::new(),
@@ -205,7 +222,10 @@ async fn follower_task(
         }
         if Instant::now() >= next_slot_check {
             next_slot_check = Instant::now() + Duration::from_secs(1);
-            let slots: Vec<String> = started.iter().map(|db| setup::slot_name(&name, db)).collect();
+            let slots: Vec<String> = started
+                .iter()
+                .map(|db| setup::slot_name(&name, db))
+                .collect();
             if let (Some(conn), Some(m)) = (leader.as_mut(), &follower_metrics) {
                 if let Ok(bytes) = retained_bytes(conn, &slots).await {
                     m.slot_retained_bytes.set(bytes as f64);
@@ -213,17 +233,30 @@ async fn follower_task(
             } else if leader.is_none() && config.replication.databases.is_empty() {
                 // Reconnected at the next discovery.
             } else if leader.is_none() {
-                leader = connect_own(&config, config.leader, &config.replication.database, "pgrelay row supervisor", false)
-                    .await
-                    .ok();
+                leader = connect_own(
+                    &config,
+                    config.leader,
+                    &config.replication.database,
+                    "pgrelay row supervisor",
+                    false,
+                )
+                .await
+                .ok();
             }
         }
         // Publish the follower's position: the lowest of its ready databases.
         let (ready, applied, error) = match shared.states.lock() {
             Ok(states) => {
-                let ready: HashSet<String> =
-                    states.iter().filter(|(_, s)| s.ready).map(|(d, _)| d.clone()).collect();
-                let applied = states.values().filter(|s| s.ready).filter_map(|s| s.applied).min();
+                let ready: HashSet<String> = states
+                    .iter()
+                    .filter(|(_, s)| s.ready)
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                let applied = states
+                    .values()
+                    .filter(|s| s.ready)
+                    .filter_map(|s| s.applied)
+                    .min();
                 let error = states.values().find_map(|s| s.error.clone());
                 (ready, applied, error)
             }
@@ -275,7 +308,11 @@ async fn retained_bytes(leader: &mut BackendConn, slots: &[String]) -> Result<u6
     if slots.is_empty() {
         return Ok(0);
     }
-    let list = slots.iter().map(|s| setup::literal(s)).collect::<Vec<_>>().join(", ");
+    let list = slots
+        .iter()
+        .map(|s| setup::literal(s))
+        .collect::<Vec<_>>()
+        .join(", ");
     let rows = leader
         .query(&format!(
             "SELECT coalesce(sum(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 0)::bigint \
@@ -300,7 +337,11 @@ async fn database_task(
     metrics: Option<Arc<FollowerMetrics>>,
     stop: CancellationToken,
 ) {
-    let follower = config.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default();
+    let follower = config
+        .nodes
+        .get(node)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
     let mut last_error: Option<String> = None;
     loop {
         let result = tokio::select! {
@@ -324,7 +365,10 @@ async fn database_task(
         // merely unreachable is caught by its own checks, but is not ready either.
         let marks_down = matches!(
             err,
-            RowError::Mismatch(_) | RowError::Diverged(_) | RowError::Follower(_) | RowError::Decode(_)
+            RowError::Mismatch(_)
+                | RowError::Diverged(_)
+                | RowError::Follower(_)
+                | RowError::Decode(_)
         );
         shared.update(&database, |s| {
             s.ready = false;
@@ -357,7 +401,11 @@ async fn follower_database(
             Err(e) => return Err(RowError::Follower(e)),
         }
     }
-    let admin_db = if database == "postgres" { "template1" } else { "postgres" };
+    let admin_db = if database == "postgres" {
+        "template1"
+    } else {
+        "postgres"
+    };
     let mut admin = connect_own(config, node, admin_db, "pgrelay applier", false)
         .await
         .map_err(RowError::Follower)?;
@@ -419,7 +467,10 @@ async fn replicate(
     let mut follower_conn = follower_database(config, node, database, &mut leader, false).await?;
     let mut state = setup::inspect_follower(&mut follower_conn, &slot).await?;
     if state == FollowerDb::PartialBootstrap {
-        info!(follower, database, "a bootstrap did not finish; copying again");
+        info!(
+            follower,
+            database, "a bootstrap did not finish; copying again"
+        );
         follower_conn.terminate().await;
         follower_conn = follower_database(config, node, database, &mut leader, true).await?;
         state = FollowerDb::Empty;
@@ -472,18 +523,21 @@ async fn replicate(
             };
             boot.run(&mut follower_conn).await?;
             follower_conn
-                .query(&bootstrap::finish_sql(&slot, &format_lsn(created.consistent_point)))
+                .query(&bootstrap::finish_sql(
+                    &slot,
+                    &format_lsn(created.consistent_point),
+                ))
                 .await
-                .map_err(|e| RowError::Follower(format!("finishing the bootstrap: {}", e.message)))?;
+                .map_err(|e| {
+                    RowError::Follower(format!("finishing the bootstrap: {}", e.message))
+                })?;
             created.consistent_point
         }
-        FollowerDb::Foreign { tables } => {
-            return Err(RowError::Setup(format!(
-                "database \"{database}\" on follower \"{follower}\" has {tables} tables that pgrelay \
+        FollowerDb::Foreign { tables } => return Err(RowError::Setup(format!(
+            "database \"{database}\" on follower \"{follower}\" has {tables} tables that pgrelay \
                  did not copy; row mode copies the leader into an empty database (drop it, or list \
                  the databases to replicate in replication.databases)"
-            )))
-        }
+        ))),
     };
     leader.terminate().await;
     stream.start(&slot, start).await?;

@@ -141,7 +141,10 @@ impl Table {
             };
             let p = first + n;
             if self.full_identity() {
-                conds.push(format!("{}::text IS NOT DISTINCT FROM ${p}::text", ident(&c.name)));
+                conds.push(format!(
+                    "{}::text IS NOT DISTINCT FROM ${p}::text",
+                    ident(&c.name)
+                ));
             } else {
                 conds.push(format!("{} = ${p}", ident(&c.name)));
             }
@@ -256,22 +259,38 @@ mod tests {
 
     #[test]
     fn statements_for_a_keyed_table() {
-        let t = Table::resolve(relation(ReplicaIdentity::Default), Some(&follower()), |_| None, 0)
-            .unwrap();
-        assert_eq!(t.insert_sql(), "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2)");
+        let t = Table::resolve(
+            relation(ReplicaIdentity::Default),
+            Some(&follower()),
+            |_| None,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            t.insert_sql(),
+            "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2)"
+        );
         assert_eq!(
             t.update_sql(&[1], &[0]),
             "UPDATE ONLY \"public\".\"t\" SET \"v\" = $1 WHERE \"id\" = $2"
         );
-        assert_eq!(t.delete_sql(&[0]), "DELETE FROM ONLY \"public\".\"t\" WHERE \"id\" = $1");
+        assert_eq!(
+            t.delete_sql(&[0]),
+            "DELETE FROM ONLY \"public\".\"t\" WHERE \"id\" = $1"
+        );
         assert_eq!(t.key_columns(), vec![0]);
         assert_eq!(t.types_of([1, 0].iter()), vec![25, 23]);
     }
 
     #[test]
     fn full_identity_compares_text_and_touches_one_row() {
-        let t = Table::resolve(relation(ReplicaIdentity::Full), Some(&follower()), |_| None, 0)
-            .unwrap();
+        let t = Table::resolve(
+            relation(ReplicaIdentity::Full),
+            Some(&follower()),
+            |_| None,
+            0,
+        )
+        .unwrap();
         assert_eq!(
             t.delete_sql(&[0, 1]),
             "DELETE FROM ONLY \"public\".\"t\" WHERE ctid = (SELECT ctid FROM ONLY \"public\".\"t\" \
@@ -288,20 +307,30 @@ mod tests {
             type_oid: 25,
             type_name: "pg_catalog.text".into(),
         });
-        let err = Table::resolve(relation(ReplicaIdentity::Default), Some(&f), |_| None, 0)
-            .unwrap_err();
+        let err =
+            Table::resolve(relation(ReplicaIdentity::Default), Some(&f), |_| None, 0).unwrap_err();
         assert!(err.contains("\"public\".\"t\""), "{err}");
-        assert!(err.contains("column \"v\" is on the leader but not on the follower"), "{err}");
-        assert!(err.contains("column \"w\" is on the follower but not on the leader"), "{err}");
+        assert!(
+            err.contains("column \"v\" is on the leader but not on the follower"),
+            "{err}"
+        );
+        assert!(
+            err.contains("column \"w\" is on the follower but not on the leader"),
+            "{err}"
+        );
         let mut f = follower();
         if let Some(c) = f.get_mut(1) {
             c.type_oid = 1043;
             c.type_name = "pg_catalog.varchar".into();
         }
-        let err = Table::resolve(relation(ReplicaIdentity::Default), Some(&f), |_| None, 0)
-            .unwrap_err();
-        assert!(err.contains("column \"v\" has type pg_catalog.varchar"), "{err}");
-        let err = Table::resolve(relation(ReplicaIdentity::Default), None, |_| None, 0).unwrap_err();
+        let err =
+            Table::resolve(relation(ReplicaIdentity::Default), Some(&f), |_| None, 0).unwrap_err();
+        assert!(
+            err.contains("column \"v\" has type pg_catalog.varchar"),
+            "{err}"
+        );
+        let err =
+            Table::resolve(relation(ReplicaIdentity::Default), None, |_| None, 0).unwrap_err();
         assert!(err.contains("does not exist on the follower"), "{err}");
     }
 }

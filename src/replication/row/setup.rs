@@ -28,11 +28,9 @@ pub fn slot_name(follower: &str, database: &str) -> String {
     if clean == raw && clean.len() <= 63 {
         return clean;
     }
-    let hash = raw
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let hash = raw.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let keep: String = clean.chars().take(63 - 17).collect();
     format!("{keep}_{hash:016x}")
 }
@@ -52,7 +50,10 @@ fn leader_error(what: &str, e: QueryError) -> RowError {
 }
 
 fn single(rows: Vec<Vec<Option<String>>>) -> Option<String> {
-    rows.into_iter().next().and_then(|r| r.into_iter().next()).flatten()
+    rows.into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next())
+        .flatten()
 }
 
 /// Checks the leader can do row mode and creates the publication in `database` (idempotent).
@@ -125,10 +126,7 @@ pub async fn prepare_leader(leader: &mut BackendConn, database: &str) -> Result<
 }
 
 /// Whether the leader has `slot`, and whether a walsender uses it right now.
-pub async fn slot_state(
-    leader: &mut BackendConn,
-    slot: &str,
-) -> Result<Option<bool>, RowError> {
+pub async fn slot_state(leader: &mut BackendConn, slot: &str) -> Result<Option<bool>, RowError> {
     let rows = leader
         .query(&format!(
             "SELECT active FROM pg_replication_slots WHERE slot_name = {}",
@@ -187,7 +185,8 @@ pub async fn inspect_follower(
     follower: &mut BackendConn,
     source: &str,
 ) -> Result<FollowerDb, RowError> {
-    let fail = |e: QueryError| RowError::Follower(format!("inspecting the database: {}", e.message));
+    let fail =
+        |e: QueryError| RowError::Follower(format!("inspecting the database: {}", e.message));
     let has_table = follower
         .query("SELECT to_regclass('pgrelay.applied') IS NOT NULL")
         .await

@@ -32,9 +32,15 @@ pub struct CreatedSlot {
 #[derive(Debug)]
 pub enum Event {
     /// A pgoutput message, at the WAL position it was sent with.
-    Change { at: Position, message: pgoutput::Message },
+    Change {
+        at: Position,
+        message: pgoutput::Message,
+    },
     /// The leader has sent everything up to `wal_end`.
-    Keepalive { wal_end: Position, reply_requested: bool },
+    Keepalive {
+        wal_end: Position,
+        reply_requested: bool,
+    },
 }
 
 /// How often the leader hears from pgrelay even when nothing changed (well under the
@@ -89,11 +95,10 @@ impl ReplicationStream {
             .as_deref()
             .and_then(parse_lsn)
             .ok_or_else(|| RowError::Leader("CREATE_REPLICATION_SLOT gave no position".into()))?;
-        let snapshot = row
-            .get(2)
-            .cloned()
-            .flatten()
-            .ok_or_else(|| RowError::Leader("CREATE_REPLICATION_SLOT gave no snapshot".into()))?;
+        let snapshot =
+            row.get(2).cloned().flatten().ok_or_else(|| {
+                RowError::Leader("CREATE_REPLICATION_SLOT gave no snapshot".into())
+            })?;
         Ok(CreatedSlot {
             consistent_point,
             snapshot,
@@ -157,7 +162,9 @@ impl ReplicationStream {
                 )));
             }
             fe::tag::COPY_DONE => {
-                return Err(RowError::Leader("the leader ended the replication stream".into()))
+                return Err(RowError::Leader(
+                    "the leader ended the replication stream".into(),
+                ))
             }
             other => {
                 return Err(RowError::Leader(format!(
