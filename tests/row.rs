@@ -1,7 +1,12 @@
 //! Row mode end to end: pgrelay copies the leader onto empty followers and applies every
 //! change, and the followers converge to exactly the leader's rows, through crashes of pgrelay
 //! and of a follower.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -139,6 +139,17 @@ impl<'a> Reader<'a> {
         be_i32(bytes).ok_or_else(|| self.err())
     }
 
+    /// A 64-bit big-endian integer (WAL positions, timestamps).
+    pub fn u64(&mut self) -> Result<u64, ProtocolError> {
+        let bytes = self.bytes(8)?;
+        let bytes: [u8; 8] = bytes.try_into().map_err(|_| self.err())?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    pub fn i64(&mut self) -> Result<i64, ProtocolError> {
+        self.u64().map(|v| v as i64)
+    }
+
     /// A non-negative count (of parameters, formats, ...).
     pub fn count16(&mut self) -> Result<usize, ProtocolError> {
         usize::try_from(self.i16()?).map_err(|_| self.err())

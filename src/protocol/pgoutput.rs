@@ -344,13 +344,11 @@ impl Fields<'_> {
     }
 
     fn u64(&mut self) -> Result<u64, ProtocolError> {
-        let hi = self.u32()?;
-        let lo = self.u32()?;
-        Ok(u64::from(hi) << 32 | u64::from(lo))
+        self.r.u64()
     }
 
     fn i64(&mut self) -> Result<i64, ProtocolError> {
-        Ok(self.u64()? as i64)
+        self.r.i64()
     }
 
     fn string(&mut self) -> Result<String, ProtocolError> {

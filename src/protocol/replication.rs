@@ -65,9 +65,9 @@ pub fn decode_server_message(body: Bytes) -> Result<ServerMessage, ProtocolError
     match r.u8()? {
         tag::XLOG_DATA => {
             let mut r = Reader::new(r.rest(), "XLogData");
-            let wal_start = u64_from(&mut r)?;
-            let wal_end = u64_from(&mut r)?;
-            let send_time = i64_from(&mut r)?;
+            let wal_start = r.u64()?;
+            let wal_end = r.u64()?;
+            let send_time = r.i64()?;
             let data = body.slice_ref(r.rest());
             Ok(ServerMessage::XLogData(XLogData {
                 wal_start,
@@ -78,8 +78,8 @@ pub fn decode_server_message(body: Bytes) -> Result<ServerMessage, ProtocolError
         }
         tag::KEEPALIVE => {
             let mut r = Reader::new(r.rest(), "primary keepalive");
-            let wal_end = u64_from(&mut r)?;
-            let send_time = i64_from(&mut r)?;
+            let wal_end = r.u64()?;
+            let send_time = r.i64()?;
             // Postgres's own receivers treat any non-zero byte as "reply requested".
             let reply_requested = r.u8()? != 0;
             if r.remaining() != 0 {
@@ -145,16 +145,6 @@ pub fn system_time(pg_micros: i64) -> SystemTime {
         epoch.checked_sub(offset)
     };
     t.unwrap_or(epoch)
-}
-
-fn u64_from(r: &mut Reader<'_>) -> Result<u64, ProtocolError> {
-    let hi = r.i32()? as u32;
-    let lo = r.i32()? as u32;
-    Ok(u64::from(hi) << 32 | u64::from(lo))
-}
-
-fn i64_from(r: &mut Reader<'_>) -> Result<i64, ProtocolError> {
-    u64_from(r).map(|v| v as i64)
 }
 
 #[cfg(test)]
