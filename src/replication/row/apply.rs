@@ -29,6 +29,9 @@ use super::RowError;
 /// The prefix of the logical messages that carry DDL (see the session's DDL capture).
 pub const DDL_PREFIX: &str = "pgrelay.ddl";
 
+/// pgrelay's schema on every node; its tables are not replicated.
+const OWN_SCHEMA: &str = "pgrelay";
+
 /// A group is committed after this many leader transactions even if more are waiting.
 const GROUP_TRANSACTIONS: u64 = 1000;
 /// Replies are read after this many pipelined statements, so that neither side's socket
@@ -183,9 +186,9 @@ impl Applier {
                 self.types
                     .insert(t.id, format!("{}.{}", t.namespace, t.name));
             }
-            Message::Insert(i) if !self.skipping => self.insert(i).await?,
-            Message::Update(u) if !self.skipping => self.update(u).await?,
-            Message::Delete(d) if !self.skipping => self.delete(d).await?,
+            Message::Insert(i) if !self.skips(i.relation) => self.insert(i).await?,
+            Message::Update(u) if !self.skips(u.relation) => self.update(u).await?,
+            Message::Delete(d) if !self.skips(d.relation) => self.delete(d).await?,
             Message::Truncate(t) if !self.skipping => self.truncate(t)?,
             Message::Message(m) => self.message(at, m).await?,
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
@@ -198,6 +201,16 @@ impl Applier {
             self.conn.flush().await.map_err(follower_io)?;
         }
         Ok(())
+    }
+
+    /// Changes not to apply: the transaction was applied before, or the table is pgrelay's
+    /// own bookkeeping (each node keeps its own).
+    fn skips(&self, relation: u32) -> bool {
+        self.skipping
+            || self
+                .relations
+                .get(&relation)
+                .is_some_and(|r| r.namespace == OWN_SCHEMA)
     }
 
     fn prepare_fixed(&mut self) {
@@ -504,11 +517,17 @@ impl Applier {
             let rel = self.relations.get(id).ok_or_else(|| {
                 RowError::Decode(format!("truncate of relation {id} before its description"))
             })?;
+            if rel.namespace == OWN_SCHEMA {
+                continue;
+            }
             names.push(format!(
                 "{}.{}",
                 super::setup::ident(&rel.namespace),
                 super::setup::ident(&rel.name)
             ));
+        }
+        if names.is_empty() {
+            return Ok(());
         }
         let sql = format!(
             "TRUNCATE ONLY {}{}{}",

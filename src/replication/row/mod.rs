@@ -193,6 +193,7 @@ async fn follower_task(
     let mut next_discovery = Instant::now();
     let mut next_slot_check = Instant::now();
     let mut was_up: Option<bool> = None;
+    let mut published_ready: HashSet<String> = HashSet::new();
     loop {
         if Instant::now() >= next_discovery {
             match databases(&config, &mut leader).await {
@@ -267,7 +268,10 @@ async fn follower_task(
             (Some(a), Ok(h)) => (h.lag(a, Instant::now()), h.lag_bytes(a)),
             _ => (Duration::ZERO, 0),
         };
-        positions.set_databases(node, Some(ready));
+        if ready != published_ready {
+            positions.set_databases(node, Some(ready.clone()));
+            published_ready = ready;
+        }
         positions.publish(
             node,
             FollowerState {
