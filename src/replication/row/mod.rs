@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backend::{connect_own, BackendConn};
 use crate::config::Config;
@@ -363,7 +363,13 @@ async fn database_task(
             }
         }
         if last_error.as_deref() != Some(text.as_str()) {
-            warn!(follower = %follower, database = %database, error = %text, "replication stopped; retrying");
+            match err {
+                // Nothing changes by itself: someone has to act.
+                RowError::Setup(_) | RowError::Mismatch(_) | RowError::Diverged(_) => {
+                    error!(follower = %follower, database = %database, error = %text, "replication stopped; retrying every {SLOW_RETRY:?}")
+                }
+                _ => warn!(follower = %follower, database = %database, error = %text, "replication stopped; retrying"),
+            }
         }
         // A follower the applier cannot keep equal to the leader is not read from; one that is
         // merely unreachable is caught by its own checks, but is not ready either.
