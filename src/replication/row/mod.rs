@@ -74,6 +74,8 @@ impl RowError {
 
 /// How often the leader's database list is read again when `replication.databases` is empty.
 const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
+/// How often lag is published for a follower whose position did not move.
+const LAG_REFRESH: Duration = Duration::from_millis(200);
 /// How long a stream that stopped on a mismatch or a setup problem waits before trying again.
 const SLOW_RETRY: Duration = Duration::from_secs(5);
 
@@ -194,6 +196,7 @@ async fn follower_task(
     let mut next_slot_check = Instant::now();
     let mut was_up: Option<bool> = None;
     let mut published_ready: HashSet<String> = HashSet::new();
+    let mut last_published: Option<(bool, Option<Position>, Instant)> = None;
     loop {
         if Instant::now() >= next_discovery {
             match databases(&config, &mut leader).await {
@@ -272,15 +275,21 @@ async fn follower_task(
             positions.set_databases(node, Some(ready.clone()));
             published_ready = ready;
         }
-        positions.publish(
-            node,
-            FollowerState {
-                up,
-                applied,
-                lag_bytes,
-                lag,
-            },
-        );
+        let state = FollowerState {
+            up,
+            applied,
+            lag_bytes,
+            lag,
+        };
+        // Waiters wake on every publication: publish what moved, and lag now and then.
+        let moved = last_published.is_none_or(|(u, a, _)| u != up || a != applied);
+        let stale = last_published.is_none_or(|(_, _, at): (bool, Option<Position>, Instant)| {
+            at.elapsed() >= LAG_REFRESH
+        });
+        if moved || stale {
+            positions.publish(node, state);
+            last_published = Some((up, applied, Instant::now()));
+        }
         if let Some(m) = metrics.follower(node) {
             m.up.set(if up { 1.0 } else { 0.0 });
             m.lag_seconds.set(lag.as_secs_f64());
@@ -296,14 +305,12 @@ async fn follower_task(
             }
             was_up = Some(up);
         }
+        // Positions arrive by themselves in row mode (requests to poll need no answer).
         let wake = next_discovery.min(next_slot_check);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = shared.changed.notified() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
-            // Positions move by themselves in row mode; a poll request needs no action, but
-            // lag is recomputed against the newest leader sample.
-            _ = positions.poll_requested(node) => {}
         }
     }
 }
