@@ -477,6 +477,16 @@ async fn dollar_quoted_bodies_are_replicated_verbatim() {
     client.batch_execute(function).await.unwrap();
     let value: String = client.query_one("SELECT f()", &[]).await.unwrap().get(0);
     assert_eq!(value, "$$ $pgrelay$ $ddl");
+    // A SQL-standard body holds semicolons of its own.
+    let atomic =
+        "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END";
+    let rows = client
+        .simple_query(&format!("{atomic}; SELECT g()"))
+        .await
+        .unwrap();
+    assert!(rows
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2"))));
     client
         .batch_execute("SET search_path = pg_catalog, public; CREATE SCHEMA s")
         .await
@@ -485,6 +495,7 @@ async fn dollar_quoted_bodies_are_replicated_verbatim() {
         ddl_only(&slot.changes().await),
         [
             ddl(function),
+            ddl(atomic),
             "ddl(1): pg_catalog, public\nCREATE SCHEMA s".to_owned(),
         ]
     );
@@ -502,6 +513,12 @@ async fn errors_and_notices_read_as_the_servers_own() {
     );
     assert_eq!(field(&err, 'C'), Some("42P01"));
     assert_eq!(field(&err, 'M'), Some("relation \"nosuch\" does not exist"));
+    assert_eq!(field(&err, 'W'), None, "{err:?}");
+    let err = report(
+        &simple(&mut raw, "ALTER TABLE nosuch\n  ADD COLUMN c int").await,
+        b'E',
+    );
+    assert_eq!(field(&err, 'C'), Some("42P01"));
     assert_eq!(field(&err, 'W'), None, "{err:?}");
     // A syntax error points into the text the client sent.
     let sql = "SELECT 1;\nALTER TABLE nosuch ADD COLUMN c int int";
