@@ -309,8 +309,14 @@ async fn concurrently_emits_after_success_only() {
     assert_eq!(field(&report(&failed, b'E'), 'C'), Some("23505"));
     let cic = "CREATE INDEX CONCURRENTLY ci ON c (a)";
     assert_eq!(tags(&simple(&mut raw, cic).await), ["CREATE INDEX"]);
-    // The message lands before whatever the session does next.
-    simple(&mut raw, "INSERT INTO c VALUES (2)").await;
+    // The message lands before whatever the session does next, even when the client sends
+    // that without waiting.
+    let mut out = BytesMut::new();
+    fe::query(&mut out, "CREATE INDEX CONCURRENTLY cp ON c (a)");
+    fe::query(&mut out, "INSERT INTO c VALUES (2)");
+    raw.send(&out).await;
+    assert_eq!(tags(&raw.until(b'Z').await), ["CREATE INDEX"]);
+    assert_eq!(tags(&raw.until(b'Z').await), ["INSERT 0 1"]);
     // The extended protocol too.
     let client = connect_proxy(proxy, &db).await;
     let drop = "DROP INDEX CONCURRENTLY ci";
@@ -322,6 +328,7 @@ async fn concurrently_emits_after_success_only() {
         slot.changes().await,
         [
             format!("ddl(0): {PATH}\n{cic}"),
+            format!("ddl(0): {PATH}\nCREATE INDEX CONCURRENTLY cp ON c (a)"),
             "BEGIN".to_owned(),
             "table public.c: INSERT: a[integer]:2".to_owned(),
             "COMMIT".to_owned(),
