@@ -28,6 +28,8 @@ pub mod tag {
     pub const COPY_IN_RESPONSE: u8 = b'G';
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    pub const PORTAL_SUSPENDED: u8 = b's';
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 }
 
@@ -115,6 +117,30 @@ pub fn parse_error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
         }
     }
     Ok(fields)
+}
+
+/// Every field of an ErrorResponse or NoticeResponse body, in order: type byte and value.
+pub fn all_error_fields(body: &[u8]) -> Result<Vec<(u8, &[u8])>, ProtocolError> {
+    let mut r = Reader::new(body, "ErrorResponse");
+    let mut fields = Vec::new();
+    loop {
+        let kind = r.u8()?;
+        if kind == 0 {
+            return Ok(fields);
+        }
+        fields.push((kind, r.cstr_bytes()?));
+    }
+}
+
+/// An ErrorResponse or NoticeResponse (`message_tag`) with the given fields.
+pub fn error_from_fields(out: &mut BytesMut, message_tag: u8, fields: &[(u8, &[u8])]) {
+    write_message(out, message_tag, |b| {
+        for (kind, value) in fields {
+            b.put_u8(*kind);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
 }
 
 /// An error or notice pgrelay reports itself.
@@ -283,7 +309,7 @@ pub fn negotiate_protocol_version(out: &mut BytesMut, minor: i32, unrecognized: 
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::protocol::codec::{decode_frame, MAX_MESSAGE};
@@ -301,6 +327,23 @@ mod tests {
         assert_eq!(fields.code, "08P01");
         assert_eq!(fields.message, "bad");
         assert_eq!(fields.severity, "ERROR");
+    }
+
+    #[test]
+    fn error_fields_round_trip() {
+        let mut out = BytesMut::new();
+        Report::error(sqlstate::FEATURE_NOT_SUPPORTED, "no")
+            .with_detail("why")
+            .write_error(&mut out);
+        let f = decode_frame(&mut out, MAX_MESSAGE).unwrap().unwrap();
+        let body = f.body();
+        let fields = all_error_fields(&body).unwrap();
+        assert_eq!(fields.len(), 5);
+        assert_eq!(fields[2], (b'C', &b"0A000"[..]));
+        let mut again = BytesMut::new();
+        error_from_fields(&mut again, tag::ERROR_RESPONSE, &fields);
+        assert_eq!(&again[..], &f.raw()[..]);
+        assert!(all_error_fields(b"Cx").is_err());
     }
 
     #[test]

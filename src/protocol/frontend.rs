@@ -87,6 +87,8 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupRequest, ProtocolError> {
 pub struct ParseMsg<'a> {
     pub name: &'a str,
     pub query: &'a str,
+    /// How many parameter types the client declared.
+    pub param_types: usize,
 }
 
 pub fn parse_parse(body: &[u8]) -> Result<ParseMsg<'_>, ProtocolError> {
@@ -95,7 +97,11 @@ pub fn parse_parse(body: &[u8]) -> Result<ParseMsg<'_>, ProtocolError> {
     let query = r.cstr()?;
     let n = r.count16()?;
     r.bytes(n * 4)?;
-    Ok(ParseMsg { name, query })
+    Ok(ParseMsg {
+        name,
+        query,
+        param_types: n,
+    })
 }
 
 /// Bind: only the names; parameters pass through untouched.
@@ -177,6 +183,15 @@ pub fn cancel_request(out: &mut BytesMut, pid: i32, secret: i32) {
 
 pub fn query(out: &mut BytesMut, sql: &str) {
     write_message(out, tag::QUERY, |b| put_cstr(b, sql.as_bytes()));
+}
+
+/// Parse without declared parameter types.
+pub fn parse(out: &mut BytesMut, name: &str, query: &str) {
+    write_message(out, tag::PARSE, |b| {
+        put_cstr(b, name.as_bytes());
+        put_cstr(b, query.as_bytes());
+        b.put_i16(0);
+    });
 }
 
 pub fn sync(out: &mut BytesMut) {
@@ -320,6 +335,13 @@ mod tests {
         let p = parse_parse(&body).unwrap();
         assert_eq!(p.name, "s1");
         assert_eq!(p.query, "SELECT $1");
+        assert_eq!(p.param_types, 1);
+        let mut out = BytesMut::new();
+        parse(&mut out, "s2", "SELECT 2");
+        let f = decode_frame(&mut out, MAX_MESSAGE).unwrap().unwrap();
+        let body = f.body();
+        let p = parse_parse(&body).unwrap();
+        assert_eq!((p.name, p.query, p.param_types), ("s2", "SELECT 2", 0));
         // Truncated parameter types.
         assert!(parse_parse(b"s1\0SELECT 1\0\0\x02\0\0\0\x17").is_err());
         assert!(parse_parse(b"s1\0SELECT 1\0\xff\xff").is_err());

@@ -57,6 +57,11 @@ pub struct Classification {
     /// A statement ends the open transaction block (COMMIT, END, ROLLBACK, ABORT, PREPARE
     /// TRANSACTION; not ROLLBACK TO SAVEPOINT).
     pub ends_transaction: bool,
+    /// A statement may be DDL that row-mode replication must see: it starts with CREATE, ALTER,
+    /// DROP, COMMENT, GRANT, REVOKE, SECURITY, REFRESH, IMPORT or REASSIGN, or is a query with
+    /// INTO (possibly inside EXPLAIN ANALYZE or PREPARE). Decided from the first keyword only;
+    /// [`super::ddl`] looks closer.
+    pub ddl: bool,
 }
 
 /// A `BEGIN` / `START TRANSACTION`.
@@ -142,6 +147,7 @@ impl Classifier {
             read_only: standard.read_only && legacy.read_only,
             writes: standard.writes || legacy.writes,
             pins_leader: standard.pins_leader || legacy.pins_leader,
+            ddl: standard.ddl || legacy.ddl,
             ..standard
         }
     }
@@ -163,6 +169,7 @@ impl Classifier {
             out.writes |= st.writes;
             out.pins_leader |= st.pins;
             out.ends_transaction |= st.ends_transaction;
+            out.ddl |= st.ddl;
             if out.begin.is_none() {
                 out.begin = st.begin;
             }
@@ -226,11 +233,26 @@ impl Classifier {
             // Cursors live in the transaction on the leader; LOCK and CHECKPOINT change no data.
             "unlisten" | "fetch" | "move" | "close" | "lock" | "checkpoint" => Stmt::default(),
             "declare" => self.declare(s),
-            "create" => self.create(s),
+            "create" => Stmt {
+                ddl: true,
+                ..self.create(s)
+            },
             "copy" => self.copy(s, depth),
             _ => Stmt {
                 writes: true,
                 pins: self.calls(s).pins,
+                ddl: matches!(
+                    first,
+                    "alter"
+                        | "drop"
+                        | "comment"
+                        | "grant"
+                        | "revoke"
+                        | "security"
+                        | "refresh"
+                        | "import"
+                        | "reassign"
+                ),
                 ..Stmt::default()
             },
         }
@@ -257,6 +279,7 @@ impl Classifier {
                     Some("into") => {
                         st.read = false;
                         st.writes = true;
+                        st.ddl = true;
                         st.pins |= s.is(i + 1, "temp") || s.is(i + 1, "temporary");
                     }
                     Some("for") if locking_clause(s, i + 1) => st.read = false,
@@ -357,6 +380,7 @@ impl Classifier {
             read: inner.read,
             writes: analyze && inner.writes,
             pins: analyze && inner.pins,
+            ddl: analyze && inner.ddl,
             ..Stmt::default()
         }
     }
@@ -381,10 +405,13 @@ impl Classifier {
         }
         // Preparing runs nothing: the body's writes count when it is executed.
         let body = self.statement(s.from(i + 1), depth + 1);
-        Stmt::session(SessionOp::Prepare {
-            name,
-            read_only: body.read,
-        })
+        Stmt {
+            ddl: body.ddl,
+            ..Stmt::session(SessionOp::Prepare {
+                name,
+                read_only: body.read,
+            })
+        }
     }
 
     /// `EXECUTE name [(args)]`: the caller decides by the prepared statement; the arguments may
@@ -484,13 +511,17 @@ impl Classification {
 /// Splits a query string into its statements' text (without separators, surrounding
 /// whitespace or leading comments), as the server would execute them one by one.
 pub fn split_statements(sql: &str) -> Result<Vec<&str>, LexError> {
-    let (tokens, _) = tokenize(sql, StringMode::Standard)?;
-    // Spans first: the texts must borrow from `sql`, not from the local token list.
-    let spans: Vec<_> = Statements::new(sql, &tokens).map(|s| s.span()).collect();
-    Ok(spans
+    Ok(statement_spans(sql, StringMode::Standard)?
         .into_iter()
         .map(|(a, b)| sql.get(a..b).unwrap_or(""))
         .collect())
+}
+
+/// The byte ranges of the statements [`split_statements`] returns, with plain strings read
+/// in `mode`.
+pub fn statement_spans(sql: &str, mode: StringMode) -> Result<Vec<(usize, usize)>, LexError> {
+    let (tokens, _) = tokenize(sql, mode)?;
+    Ok(Statements::new(sql, &tokens).map(|s| s.span()).collect())
 }
 
 /// The non-comment tokens of `sql`, and whether a plain string contained a backslash.
@@ -518,6 +549,7 @@ struct Stmt {
     session: Option<SessionOp>,
     execute: Option<String>,
     ends_transaction: bool,
+    ddl: bool,
 }
 
 impl Stmt {
@@ -661,16 +693,20 @@ impl<'a> Iterator for Statements<'a> {
             toks: rest,
         };
         // A SQL-standard function body (`CREATE FUNCTION … BEGIN ATOMIC …; …; END`) contains
-        // semicolons that do not end the statement; CASE … END nests inside it.
+        // semicolons that do not end the statement; CASE … END nests inside it. So does the
+        // parenthesised action list of `CREATE RULE … DO (…; …)`.
         let is_create = s.is(0, "create");
         let mut atomic = 0u32;
+        let mut parens = 0u32;
         let mut end = rest.len();
         for (i, t) in rest.iter().enumerate() {
             match t.kind {
-                TokenKind::Semicolon if atomic == 0 => {
+                TokenKind::Semicolon if atomic == 0 && parens == 0 => {
                     end = i;
                     break;
                 }
+                TokenKind::LParen if is_create => parens += 1,
+                TokenKind::RParen if is_create => parens = parens.saturating_sub(1),
                 TokenKind::Ident if is_create => {
                     let opens = (s.is(i, "begin") && s.is(i + 1, "atomic"))
                         || (atomic > 0 && s.is(i, "case"));
@@ -1276,6 +1312,41 @@ mod tests {
     }
 
     #[test]
+    fn ddl_candidates() {
+        let c = classifier();
+        for sql in [
+            "CREATE TABLE t (a int)",
+            "alter table t add column c int",
+            "SELECT 1; DROP TABLE t",
+            "SELECT * INTO x FROM t",
+            "EXPLAIN ANALYZE SELECT 1 INTO x",
+            "PREPARE p AS SELECT 1 INTO x",
+            "GRANT SELECT ON t TO u",
+            "REVOKE SELECT ON t FROM u",
+            "COMMENT ON TABLE t IS 'x'",
+            "SECURITY LABEL ON TABLE t IS 'x'",
+            "REFRESH MATERIALIZED VIEW v",
+            "IMPORT FOREIGN SCHEMA s FROM SERVER f INTO public",
+            "REASSIGN OWNED BY a TO b",
+            r"SELECT 'a\'; CREATE TABLE x (a int); --'",
+        ] {
+            assert!(c.classify(sql).ddl, "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET a = 1",
+            "EXPLAIN SELECT 1 INTO x",
+            "TRUNCATE t",
+            "VACUUM t",
+            "DO $$ BEGIN CREATE TABLE t (); END $$",
+            "SELECT 'CREATE TABLE x'",
+        ] {
+            assert!(!c.classify(sql).ddl, "{sql}");
+        }
+    }
+
+    #[test]
     fn splits_statements() {
         let sql = "SELECT 1; /* ; */ SELECT ';' -- ;\n;; SELECT $a$ ; $a$";
         assert_eq!(
@@ -1289,6 +1360,14 @@ mod tests {
             vec![
                 "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
                 "SELECT 2"
+            ]
+        );
+        let rule = "CREATE RULE r AS ON UPDATE TO t DO ALSO (NOTIFY a; NOTIFY b); SELECT (1)";
+        assert_eq!(
+            split_statements(rule).unwrap(),
+            vec![
+                "CREATE RULE r AS ON UPDATE TO t DO ALSO (NOTIFY a; NOTIFY b)",
+                "SELECT (1)"
             ]
         );
         assert_eq!(split_statements("").unwrap(), Vec::<&str>::new());

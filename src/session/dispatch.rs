@@ -14,6 +14,7 @@ use crate::protocol::sqlstate;
 use crate::config::{Ack, Consistency};
 use crate::replication::physical::LEADER_POSITION_SQL;
 
+use super::ddl::{self, ParsePlan};
 use super::overrides;
 use super::unit::{Statement, StatementClass, Unit};
 use super::{Flow, Group, Session, SessionEnd};
@@ -38,6 +39,10 @@ impl Session {
                 }
                 let c = self.classifier.classify(sql);
                 let class = StatementClass::of(&c, &self.sql_prepared, sql);
+                if c.ddl && self.row_mode() {
+                    let temp = self.may_have_temp(class.pins_leader);
+                    self.plan_query_ddl(sql, temp);
+                }
                 self.unit.merge(class);
                 self.unit.changes.extend(c.session_changes);
                 self.unit.frames.push(frame);
@@ -51,6 +56,32 @@ impl Session {
                     fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
                 let c = self.classifier.classify(parse.query);
                 let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
+                let ddl = if c.ddl && self.row_mode() {
+                    let temp = self.may_have_temp(class.pins_leader);
+                    match ddl::plan_parse(&parse, temp) {
+                        ParsePlan::Keep => None,
+                        ParsePlan::Statement(d) => Some(Arc::new(d)),
+                        ParsePlan::RefuseUnit(refusal) if self.open_unit.is_none() => {
+                            return Ok(self.refuse_unit(refusal));
+                        }
+                        ParsePlan::RefuseUnit(refusal) => {
+                            // Part of the unit is on a node already: its Sync must go there.
+                            // The server raises the refusal at Execute instead (a client
+                            // that binds parameters is told they do not fit first).
+                            let mut out = bytes::BytesMut::new();
+                            fe::parse(&mut out, parse.name, &ddl::raise_block(refusal));
+                            Some(Arc::new(ddl::StatementDdl {
+                                parse: Some(out.freeze()),
+                                reply: Arc::new(ddl::Reply::Refused),
+                            }))
+                        }
+                    }
+                } else {
+                    None
+                };
+                if let Some(rewritten) = ddl.as_ref().and_then(|d| d.parse.clone()) {
+                    self.unit.rewrites.push((self.unit.frames.len(), rewritten));
+                }
                 let name = parse.name.to_owned();
                 self.unit.read_only &= class.read_only;
                 let setting = overrides::parse_command(parse.query)
@@ -60,6 +91,7 @@ impl Session {
                     parse: frame.raw().clone(),
                     class,
                     setting,
+                    ddl,
                 });
                 self.next_statement_id += 1;
                 // A named statement that exists already makes the node fail the Parse (42P05);
@@ -75,16 +107,19 @@ impl Session {
                 let body = frame.body();
                 let bind =
                     fe::parse_bind(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
+                let mut ddl = None;
                 if let Some(s) = self.statements.get(bind.statement) {
                     let class = s.class;
                     if let Some(setting) = &s.setting {
                         self.unit.settings.push(setting.clone());
                     }
+                    ddl = s.ddl.clone();
                     self.unit.merge(class);
                 } else {
                     // Unknown statement: the node reports 26000, wherever it runs.
                     self.unit.merge(WRITE);
                 }
+                self.note_bind(bind.portal, ddl);
                 let name = bind.statement.to_owned();
                 self.unit.uses(&name);
                 self.collect(frame).await
@@ -110,16 +145,23 @@ impl Session {
                     self.statements.remove(&name);
                     self.unit.parses.retain(|(n, _)| *n != name);
                     self.unit.closes.push(name);
+                } else if !self.ddl_portals.is_empty() {
+                    self.ddl_portals.remove(name);
                 }
                 self.collect(frame).await
             }
             tag::EXECUTE => {
-                fe::parse_execute(&frame.body())
-                    .map_err(|e| self.protocol_violation(e.to_string()))?;
+                let body = frame.body();
+                let portal =
+                    fe::parse_execute(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
+                self.note_execute(portal);
                 self.collect(frame).await
             }
             tag::SYNC => {
                 if self.discard_until_sync {
+                    if let Some(refusal) = self.refused_unit {
+                        return self.raise_refusal(frame, refusal).await;
+                    }
                     self.discard_until_sync = false;
                     self.unit = Unit::default();
                     be::ready_for_query(&mut self.client.wbuf, self.tx_status);
@@ -215,6 +257,13 @@ impl Session {
                     self.unit.ends_group = false;
                     self.unit.ends_with_sync = false;
                 }
+                if frame.tag() == tag::EXECUTE {
+                    self.unit.executes = self.unit.executes.saturating_sub(1);
+                }
+                // Handled again later: what it asked for is asked again then.
+                let kept = self.unit.frames.len();
+                self.unit.rewrites.retain(|(f, _)| *f < kept);
+                self.unit.ddl.retain(|d| d.frame < kept);
                 if self.unit.frames.is_empty() {
                     // The message is handled (and classified) again later; a unit of other
                     // messages keeps its already merged, more conservative flags.
@@ -252,6 +301,8 @@ impl Session {
             && unit.ends_group
             && ((unit.writes && !in_tx) || (unit.ends_tx && (self.tx_wrote || unit.writes)));
         let hold = capture && self.config.replication.ack != Ack::Async;
+        // Row mode: DDL on the leader is rewritten (see `ddl`).
+        let row_ddl = node == leader && self.row_mode();
         // A read outside a transaction may run again elsewhere if its follower dies first.
         let retryable = node != leader && !in_tx && unit.ends_group && self.open_unit.is_none();
         let statements: Vec<(String, Arc<Statement>)> = unit
@@ -289,14 +340,27 @@ impl Session {
                 fe::close_statement(&mut conn.wbuf, &name);
                 closes += 1;
             }
-            conn.wbuf.extend_from_slice(&statement.parse);
+            let parse = match &statement.ddl {
+                Some(d) if row_ddl => d.parse.as_ref().unwrap_or(&statement.parse),
+                _ => &statement.parse,
+            };
+            conn.wbuf.extend_from_slice(parse);
             parses += 1;
             debug!(node, statement = %name, "preparing a statement on another node");
             backend.prepared.insert(name.clone(), statement.id);
             injected.push(name);
         }
-        for frame in &unit.frames {
-            conn.wbuf.extend_from_slice(frame.raw());
+        if row_ddl && !unit.rewrites.is_empty() {
+            for (i, frame) in unit.frames.iter().enumerate() {
+                match unit.rewrites.iter().find(|(f, _)| *f == i) {
+                    Some((_, rewritten)) => conn.wbuf.extend_from_slice(rewritten),
+                    None => conn.wbuf.extend_from_slice(frame.raw()),
+                }
+            }
+        } else {
+            for frame in &unit.frames {
+                conn.wbuf.extend_from_slice(frame.raw());
+            }
         }
         for (name, statement) in &unit.parses {
             backend.prepared.insert(name.clone(), statement.id);
@@ -325,14 +389,29 @@ impl Session {
             }
         };
         group.extended |= unit.ends_with_sync;
+        let mut emit_pending = false;
+        if row_ddl && !unit.ddl.is_empty() {
+            let base = group.completions_sent;
+            for d in &unit.ddl {
+                if matches!(*d.reply, ddl::Reply::EmitAfter { .. }) && !group.ddl_emit_pending {
+                    group.ddl_emit_pending = true;
+                    emit_pending = true;
+                }
+                group.ddl.push_back(ddl::Expect {
+                    index: base + d.index,
+                    reply: d.reply.clone(),
+                });
+            }
+        }
+        group.completions_sent += unit.executes;
         group.changes.extend(unit.changes.iter().cloned());
         group.swallow_close_completes += closes;
         group.swallow_parse_completes += parses;
         group.injected.extend(injected);
         if capture {
-            if unit.copies {
+            if unit.copies || group.ddl_emit_pending {
                 // The node may be in COPY IN mode until the client sent its data: the position
-                // is read once the COPY is over.
+                // is read once the COPY is over. DDL emitted after the group counts as well.
                 group.capture_when_ready = true;
             } else {
                 fe::query(&mut conn.wbuf, LEADER_POSITION_SQL);
@@ -345,6 +424,9 @@ impl Session {
             if hold {
                 self.holding = true;
             }
+        }
+        if emit_pending {
+            self.ddl_emits_pending += 1;
         }
         if in_tx {
             self.tx_wrote |= unit.writes;

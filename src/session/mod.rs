@@ -6,6 +6,7 @@
 //! swallowed, so the client sees exactly the replies to what it sent.
 
 mod client;
+mod ddl;
 mod dispatch;
 mod overrides;
 mod relay;
@@ -127,6 +128,21 @@ struct Group {
     swallow_parse_completes: usize,
     /// Statements pgrelay prepared in this group: in doubt if the group fails.
     injected: Vec<String>,
+    /// Messages of this group that complete (Execute, statements of a simple query), counted
+    /// as they are sent and as their CommandComplete, EmptyQueryResponse or PortalSuspended
+    /// arrives.
+    completions_sent: usize,
+    completions: usize,
+    /// Row mode: replies to rewritten DDL still to come, in order.
+    ddl: VecDeque<ddl::Expect>,
+    /// Row mode: queries that emit DDL that succeeded outside a transaction block, to send
+    /// when the group is over.
+    ddl_emits: Vec<String>,
+    /// Row mode: the group may end with such queries; the session's next unit waits for it.
+    ddl_emit_pending: bool,
+    /// pgrelay's own group that finishes a client's: the client's ReadyForQuery, sent on
+    /// when this group is over.
+    release: Option<bytes::Bytes>,
 }
 
 /// A node connection as the session uses it.
@@ -143,7 +159,7 @@ struct Backend {
 
 impl Backend {
     fn forwarding(&self) -> bool {
-        self.groups.iter().any(|g| g.forward)
+        self.groups.iter().any(|g| g.forward || g.release.is_some())
     }
 }
 
@@ -208,6 +224,12 @@ pub(crate) struct Session {
     cancel_target: Option<CancelTarget>,
     /// Resolves when pgrelay shuts down; made once, polled in every turn of the main loop.
     shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Row mode: portals bound to rewritten DDL statements.
+    ddl_portals: HashMap<String, Arc<ddl::StatementDdl>>,
+    /// Row mode: groups whose end may send a DDL message before anything else.
+    ddl_emits_pending: usize,
+    /// Row mode: the unit being discarded was refused; the server raises the refusal at its Sync.
+    refused_unit: Option<crate::routing::ddl::Refusal>,
 }
 
 /// A commit whose reply waits until enough followers applied its position.
@@ -274,6 +296,9 @@ impl Session {
             cancel_slot,
             cancel_target: None,
             shutdown: Box::pin(shared_shutdown),
+            ddl_portals: HashMap::new(),
+            ddl_emits_pending: 0,
+            refused_unit: None,
         }
     }
 

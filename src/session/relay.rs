@@ -15,7 +15,7 @@ use crate::replication::physical::LEADER_POSITION_SQL;
 use crate::replication::positions::{parse_lsn, Position};
 
 use super::state;
-use super::{AckWait, Group, Session, SessionEnd};
+use super::{ddl, AckWait, Group, Session, SessionEnd};
 
 impl Session {
     /// Handles one reply from a node: relays it or swallows it, and keeps track of transaction
@@ -45,6 +45,11 @@ impl Session {
             }
             return Ok(());
         };
+        let frame = if group.ddl.is_empty() {
+            frame
+        } else {
+            ddl::fix_reply(group, frame)
+        };
         match frame.tag() {
             tag::READY_FOR_QUERY => {
                 let status = be::parse_ready_for_query(&frame.body())
@@ -62,6 +67,27 @@ impl Session {
                     self.capture_done(group.position);
                     return Ok(());
                 }
+                if let Some(ready) = &group.release {
+                    self.emit(ready);
+                    return Ok(());
+                }
+                // DDL that succeeded outside a transaction block is emitted now, before
+                // anything else the session sends on this connection; the client hears that
+                // its statement is done when the message is in the WAL.
+                let release_later = group.forward && !group.ddl_emits.is_empty();
+                if release_later {
+                    fe::query(&mut backend.conn.wbuf, &group.ddl_emits.join(";\n"));
+                    backend.groups.push_back(Group {
+                        release: Some(frame.raw().clone()),
+                        ..Group::default()
+                    });
+                }
+                if group.ddl_emit_pending {
+                    self.ddl_emits_pending = self.ddl_emits_pending.saturating_sub(1);
+                }
+                let Some(backend) = self.backends.get_mut(node).and_then(|b| b.as_mut()) else {
+                    return Ok(());
+                };
                 if group.capture_when_ready {
                     fe::query(&mut backend.conn.wbuf, LEADER_POSITION_SQL);
                     backend.groups.push_back(Group {
@@ -75,7 +101,9 @@ impl Session {
                 if !group.preamble.is_empty() {
                     self.emit(&group.preamble);
                 }
-                self.emit(frame.raw());
+                if !release_later {
+                    self.emit(frame.raw());
+                }
                 self.tx_status = status;
                 if status == TxStatus::Idle {
                     self.tx_wrote = false;
@@ -108,7 +136,9 @@ impl Session {
                     warn!(node = %backend.conn.node_name, code = %fields.code, message = %fields.message, "statement pgrelay ran on a node failed");
                 }
             }
+            tag::EMPTY_QUERY_RESPONSE | tag::PORTAL_SUSPENDED => group.completions += 1,
             tag::COMMAND_COMPLETE => {
+                group.completions += 1;
                 let body = frame.body();
                 match body.first() {
                     Some(b'R') if body.starts_with(b"ROLLBACK\0") => group.rolled_back = true,
@@ -282,11 +312,14 @@ impl Session {
             return Err(SessionEnd::Fatal(message));
         }
         for group in backend.groups {
+            if group.ddl_emit_pending {
+                self.ddl_emits_pending = self.ddl_emits_pending.saturating_sub(1);
+            }
             if group.capture {
                 self.capture_done(None);
                 continue;
             }
-            if !group.forward {
+            if !group.forward && group.release.is_none() {
                 continue;
             }
             match group.retry {

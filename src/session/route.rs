@@ -161,6 +161,11 @@ impl Session {
         if self.holding || self.ack_wait.is_some() {
             return true;
         }
+        // Row mode: a group that may end with a DDL message of pgrelay's is still out; the
+        // message must reach the node before the next unit does (a unit's own rest goes on).
+        if self.ddl_emits_pending > 0 && self.open_unit.is_none() {
+            return true;
+        }
         let busy = self.busy_node();
         match decision {
             Decision::Node(node, _) => busy.is_some_and(|b| b != node),

@@ -60,6 +60,8 @@ pub struct Statement {
     /// A `SET`/`RESET pgrelay.*` prepared with the extended protocol: pgrelay applies it when
     /// it runs (the node also runs it, as a harmless placeholder setting).
     pub setting: Option<super::overrides::Command>,
+    /// Row mode: what happens to the statement on the leader, if it is DDL.
+    pub ddl: Option<Arc<super::ddl::StatementDdl>>,
 }
 
 /// Client messages collected for one routing decision.
@@ -91,6 +93,11 @@ pub struct Unit {
     pub ends_group: bool,
     /// The unit ends with Sync (extended protocol) rather than Query or FunctionCall.
     pub ends_with_sync: bool,
+    /// Execute messages in `frames`.
+    pub executes: usize,
+    /// Row mode: frames (by index) the leader gets rewritten, and the replies to fix.
+    pub rewrites: Vec<(usize, Bytes)>,
+    pub ddl: Vec<super::ddl::UnitDdl>,
 }
 
 impl Default for Unit {
@@ -112,6 +119,9 @@ impl Default for Unit {
             settings: Vec::new(),
             ends_group: false,
             ends_with_sync: false,
+            executes: 0,
+            rewrites: Vec::new(),
+            ddl: Vec::new(),
         }
     }
 }
