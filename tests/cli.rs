@@ -244,3 +244,106 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn row_mode_demo_copies_the_leader_and_follows_every_change() {
+    let dir = pgrelay::cluster::test_dir("demorow");
+    let port = pgrelay::cluster::free_port().unwrap();
+    let child = pgrelay()
+        .args(["demo", "--mode", "row", "--metrics-listen", "", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = StopOnDrop(child);
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut url = None;
+    let mut followers = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the demo says it is ready");
+        if let Some(u) = line.split("psql \"").nth(1) {
+            url = Some(u.trim_end_matches('"').to_owned());
+        }
+        if line.contains("writable follower, filled by pgrelay") {
+            let addr = line.split_whitespace().nth(1).unwrap().to_owned();
+            followers.push(addr);
+        }
+        if line.contains("press Ctrl-C") {
+            break;
+        }
+    }
+    let url = url.expect("the demo prints a connection string");
+    assert_eq!(followers.len(), 2, "two writable followers");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // DDL and rows through pgrelay, as an application would.
+        client
+            .batch_execute(
+                "CREATE TABLE demo_t (id int PRIMARY KEY, v text); \
+                 INSERT INTO demo_t SELECT g, 'v' || g FROM generate_series(1, 100) g",
+            )
+            .await
+            .unwrap();
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM demo_t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 100, "the session reads its own writes");
+        for addr in &followers {
+            let (host, port) = addr.split_once(':').unwrap();
+            let conninfo = format!("host={host} port={port} user=app password=app dbname=app");
+            // The follower gets the database once pgrelay copied it, then the rows.
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                let copied = match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+                    Ok((f, conn)) => {
+                        tokio::spawn(conn);
+                        f.query_one("SELECT count(*) FROM demo_t", &[])
+                            .await
+                            .is_ok_and(|r| r.get::<_, i64>(0) == 100)
+                    }
+                    Err(_) => false,
+                };
+                if copied {
+                    break;
+                }
+                assert!(Instant::now() < end, "follower {addr} did not get the rows");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let pids = postmaster_pids(&dir);
+    assert_eq!(pids.len(), 3, "a leader and two followers");
+    // SAFETY: sending SIGINT to our own child, as Ctrl-C would.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        assert!(
+            !alive(pid),
+            "postgres {pid} still running after the demo stopped"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -786,3 +786,108 @@ async fn a_transaction_sent_again_is_not_applied_twice() {
     );
     assert_eq!(applied_on_follower().await, "0/310");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_through_pgrelay_in_the_middle_of_the_stream_reaches_the_followers() {
+    let (info, db) = setup("ddl").await;
+    let (addr, metrics) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(load(addr, db.clone(), stop_rx));
+    let client = connect_proxy(addr, &db).await;
+    // A column added while writes run, and rows that use it at once.
+    client
+        .batch_execute("ALTER TABLE accounts ADD COLUMN tier int DEFAULT 0")
+        .await
+        .unwrap();
+    for i in 0..20 {
+        client
+            .execute(
+                "INSERT INTO accounts (id, balance, tier) VALUES ($1, 0, $2)",
+                &[&(30_000 + i), &i],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            "CREATE TABLE audit (id bigserial PRIMARY KEY, what text NOT NULL); \
+             CREATE FUNCTION audit_note(t text) RETURNS text LANGUAGE sql AS $$ SELECT 'note: ' || t $$; \
+             INSERT INTO audit (what) SELECT audit_note('x' || g) FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE INDEX CONCURRENTLY accounts_tier ON accounts (tier)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE accounts SET tier = 2 WHERE id < 100")
+        .await
+        .unwrap();
+    stop_tx.send(true).unwrap();
+    assert!(writer.await.unwrap() > 0);
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    for f in &info.followers {
+        let c = connect_direct(f, &db).await;
+        let row = c
+            .query_one(
+                "SELECT audit_note('y'), (SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_tier'), \
+                 (SELECT tableowner FROM pg_tables WHERE tablename = 'audit')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "note: y", "function on {}", f.name);
+        assert_eq!(row.get::<_, i64>(1), 1, "index built on {}", f.name);
+        assert_eq!(
+            row.get::<_, String>(2),
+            common::SUPERUSER,
+            "owner on {}",
+            f.name
+        );
+    }
+    let text = scrape(metrics).await;
+    for f in &info.followers {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("pgrelay_apply_errors_total{{follower=\"{}\"}}", f.name)
+            ),
+            Some(0.0)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_initialized_and_run_through_pgrelay_converges() {
+    let info = row_cluster();
+    let db = leader_database(&info.leader, "pgbench").await;
+    let (addr, _) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    // pgbench -i is DDL (DROP, CREATE, ALTER ... ADD PRIMARY KEY), TRUNCATE and COPY.
+    let out = pg_command("pgbench", addr, &db)
+        .args(["-i", "-s", "1", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = pg_command("pgbench", addr, &db)
+        .args(["-n", "-c", "4", "-j", "2", "-t", "300"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+}

@@ -11,16 +11,39 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::{BufMut, BytesMut};
 use common::raw::Raw;
 use common::*;
+use pgrelay::cluster::NodeInfo;
 use pgrelay::protocol::backend::{all_error_fields, parse_command_complete};
 use pgrelay::protocol::codec::{put_cstr, write_message, Frame};
 use pgrelay::protocol::frontend as fe;
 
-const ROW: &str = "[replication]\nmode = \"row\"\n";
-/// The `search_path` a new session has.
-const PATH: &str = "\"$user\", public";
+/// The schemas a DDL message of a new session names: what `"$user", public` resolves to on
+/// the leader (the role before them is checked and left out by [`Slot::changes`]).
+const PATH: &str = "public";
+
+/// The row-mode cluster (empty followers that pgrelay fills) and one pgrelay that replicates
+/// every database of it: the DDL these tests send reaches the followers too.
+fn rc() -> &'static ClusterInfo {
+    common::row::row_cluster()
+}
 
 async fn row_proxy() -> SocketAddr {
-    proxy(ROW).await
+    static PROXY: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
+    *PROXY
+        .get_or_init(|| async {
+            let info = rc();
+            start_proxy(proxy_config(
+                &info.leader,
+                &info.followers,
+                "\n[replication]\nmode = \"row\"\n",
+            ))
+            .await
+        })
+        .await
+}
+
+/// A database of its own on the row cluster's leader (pgrelay creates it on the followers).
+async fn row_db(prefix: &str) -> String {
+    common::row::leader_database(&rc().leader, prefix).await
 }
 
 /// A logical slot on the leader that decodes one test database with `test_decoding`.
@@ -30,10 +53,10 @@ struct Slot {
 }
 
 impl Slot {
-    async fn create(db: &str) -> Slot {
+    async fn create(leader: &NodeInfo, db: &str) -> Slot {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("{db}_slot_{}", N.fetch_add(1, Ordering::Relaxed));
-        let client = connect_direct(&cluster().leader, db).await;
+        let client = connect_direct(leader, db).await;
         client
             .execute(
                 "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
@@ -71,6 +94,9 @@ impl Slot {
                     let (transactional, rest) = rest.split_once(' ').unwrap();
                     let content = rest.split_once("content:").unwrap().1;
                     assert!(rest.starts_with("prefix: pgrelay.ddl,"), "{data}");
+                    // The role that ran it: the one the test's client logged in as.
+                    let (role, content) = content.split_once('\n').unwrap();
+                    assert!([SUPERUSER, TRUST_USER].contains(&role), "{data}");
                     format!("ddl({transactional}): {content}")
                 }
                 None => data,
@@ -111,7 +137,7 @@ async fn simple(raw: &mut Raw, sql: &str) -> Vec<Frame> {
 /// Parse, Bind, Execute and Sync of one statement without parameters.
 async fn extended(raw: &mut Raw, sql: &str) -> Vec<Frame> {
     let mut out = BytesMut::new();
-    fe::parse(&mut out, "", sql);
+    fe::parse(&mut out, "", sql, &[]);
     write_message(&mut out, b'B', |b| {
         put_cstr(b, b"");
         put_cstr(b, b"");
@@ -159,8 +185,8 @@ fn field(fields: &[(char, String)], kind: char) -> Option<&str> {
 
 #[tokio::test]
 async fn simple_queries_put_ddl_into_the_wal_before_the_rows_that_need_it() {
-    let db = new_database("rowddl_simple").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_simple").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let mut raw = Raw::login(row_proxy().await, &db).await;
     let create = "CREATE TABLE a (id int PRIMARY KEY)";
     let alter = "ALTER TABLE a ADD COLUMN c int";
@@ -192,8 +218,8 @@ async fn simple_queries_put_ddl_into_the_wal_before_the_rows_that_need_it() {
 
 #[tokio::test]
 async fn extended_protocol_ddl_is_replicated_with_its_own_tag() {
-    let db = new_database("rowddl_ext").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_ext").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let proxy = row_proxy().await;
     let client = connect_proxy(proxy, &db).await;
     client
@@ -244,8 +270,8 @@ async fn extended_protocol_ddl_is_replicated_with_its_own_tag() {
 
 #[tokio::test]
 async fn ddl_that_does_not_commit_emits_nothing() {
-    let db = new_database("rowddl_rollback").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_rollback").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let mut raw = Raw::login(row_proxy().await, &db).await;
     simple(&mut raw, "BEGIN").await;
     assert_eq!(
@@ -266,8 +292,8 @@ async fn ddl_that_does_not_commit_emits_nothing() {
 
 #[tokio::test]
 async fn a_query_string_emits_only_its_ddl_statements() {
-    let db = new_database("rowddl_multi").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_multi").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let mut raw = Raw::login(row_proxy().await, &db).await;
     let replies = simple(
         &mut raw,
@@ -295,8 +321,8 @@ async fn a_query_string_emits_only_its_ddl_statements() {
 
 #[tokio::test]
 async fn concurrently_emits_after_success_only() {
-    let db = new_database("rowddl_cic").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_cic").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let proxy = row_proxy().await;
     let mut raw = Raw::login(proxy, &db).await;
     simple(
@@ -340,8 +366,8 @@ async fn concurrently_emits_after_success_only() {
 
 #[tokio::test]
 async fn ctas_and_select_into_are_refused_and_the_session_goes_on() {
-    let db = new_database("rowddl_ctas").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_ctas").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let proxy = row_proxy().await;
     let mut raw = Raw::login(proxy, &db).await;
     let refused = report(&simple(&mut raw, "CREATE TABLE x AS SELECT 1").await, b'E');
@@ -394,7 +420,7 @@ async fn ctas_and_select_into_are_refused_and_the_session_goes_on() {
         .batch_execute("CREATE TEMP TABLE tt AS SELECT 1 AS a; SELECT * INTO TEMP tu FROM tt")
         .await
         .unwrap();
-    let leader = connect_direct(&cluster().leader, &db).await;
+    let leader = connect_direct(&rc().leader, &db).await;
     let row = leader
         .query_one(
             "SELECT (SELECT count(*) FROM t), to_regclass('x') IS NULL AND to_regclass('y') \
@@ -416,7 +442,7 @@ async fn ctas_and_select_into_are_refused_and_the_session_goes_on() {
 #[tokio::test]
 async fn physical_mode_rewrites_nothing() {
     let db = new_database("rowddl_physical").await;
-    let slot = Slot::create(&db).await;
+    let slot = Slot::create(&cluster().leader, &db).await;
     let client = connect_proxy(default_proxy().await, &db).await;
     client
         .batch_execute("CREATE TABLE p (a int); ALTER TABLE p ADD COLUMN b int")
@@ -441,8 +467,8 @@ async fn physical_mode_rewrites_nothing() {
 
 #[tokio::test]
 async fn ddl_on_temporary_relations_stays_in_the_session() {
-    let db = new_database("rowddl_temp").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_temp").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let mut raw = Raw::login(row_proxy().await, &db).await;
     simple(&mut raw, "CREATE TEMP TABLE tt (a int)").await;
     for sql in [
@@ -476,8 +502,8 @@ async fn ddl_on_temporary_relations_stays_in_the_session() {
 
 #[tokio::test]
 async fn dollar_quoted_bodies_are_replicated_verbatim() {
-    let db = new_database("rowddl_dollar").await;
-    let slot = Slot::create(&db).await;
+    let db = row_db("rowddl_dollar").await;
+    let slot = Slot::create(&rc().leader, &db).await;
     let client = connect_proxy(row_proxy().await, &db).await;
     let function = "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $ddl$\nBEGIN\n  \
                     RETURN '$$ $pgrelay$ $ddl';\nEND\n$ddl$";
@@ -511,7 +537,7 @@ async fn dollar_quoted_bodies_are_replicated_verbatim() {
 
 #[tokio::test]
 async fn errors_and_notices_read_as_the_servers_own() {
-    let db = new_database("rowddl_errors").await;
+    let db = row_db("rowddl_errors").await;
     let proxy = row_proxy().await;
     let mut raw = Raw::login(proxy, &db).await;
     let err = report(
@@ -531,7 +557,7 @@ async fn errors_and_notices_read_as_the_servers_own() {
     let sql = "SELECT 1;\nALTER TABLE nosuch ADD COLUMN c int int";
     let err = report(&simple(&mut raw, sql).await, b'E');
     assert_eq!(field(&err, 'C'), Some("42601"));
-    let direct = connect_direct(&cluster().leader, &db).await;
+    let direct = connect_direct(&rc().leader, &db).await;
     let expected = direct.simple_query(sql).await.unwrap_err();
     let expected = match expected.as_db_error().unwrap().position() {
         Some(tokio_postgres::error::ErrorPosition::Original(p)) => p.to_string(),

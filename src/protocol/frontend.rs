@@ -185,15 +185,6 @@ pub fn query(out: &mut BytesMut, sql: &str) {
     write_message(out, tag::QUERY, |b| put_cstr(b, sql.as_bytes()));
 }
 
-/// Parse without declared parameter types.
-pub fn parse(out: &mut BytesMut, name: &str, query: &str) {
-    write_message(out, tag::PARSE, |b| {
-        put_cstr(b, name.as_bytes());
-        put_cstr(b, query.as_bytes());
-        b.put_i16(0);
-    });
-}
-
 pub fn sync(out: &mut BytesMut) {
     write_message(out, tag::SYNC, |_| {});
 }
@@ -337,7 +328,7 @@ mod tests {
         assert_eq!(p.query, "SELECT $1");
         assert_eq!(p.param_types, 1);
         let mut out = BytesMut::new();
-        parse(&mut out, "s2", "SELECT 2");
+        parse(&mut out, "s2", "SELECT 2", &[]);
         let f = decode_frame(&mut out, MAX_MESSAGE).unwrap().unwrap();
         let body = f.body();
         let p = parse_parse(&body).unwrap();

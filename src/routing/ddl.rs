@@ -23,9 +23,17 @@
 
 use super::lexer::{Lexer, StringMode, Token, TokenKind};
 
-/// The prefix of pgrelay's DDL messages in the leader's WAL. The content is the `search_path`
-/// in effect, a newline, and the text of one statement.
+/// The prefix of pgrelay's DDL messages in the leader's WAL. The content is three parts
+/// separated by newlines: the role that ran the statement (`current_user`, so the objects get
+/// the same owner on the followers), the schemas its `search_path` resolved to
+/// (`current_schemas(false)`, each quoted: `"$user"` means the leader's user, whatever schemas
+/// a follower has), and the text of one statement.
 pub const MESSAGE_PREFIX: &str = "pgrelay.ddl";
+
+/// The SQL expression for the first two parts of a DDL message, each followed by a newline.
+pub const MESSAGE_HEADER_SQL: &str = "current_user || E'\\n' || \
+     coalesce((SELECT pg_catalog.string_agg(pg_catalog.quote_ident(s), ', ') \
+     FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) AS s), '') || E'\\n'";
 
 /// What row-mode replication does with one statement.
 #[derive(Debug, Clone, PartialEq, Eq)]

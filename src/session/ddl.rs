@@ -4,7 +4,7 @@
 //!
 //! - A replicated statement S runs inside
 //!   `DO $pgrelay$BEGIN PERFORM pg_catalog.pg_logical_emit_message(true, 'pgrelay.ddl',
-//!   pg_catalog.current_setting('search_path') || E'\n' || $ddl$S$ddl$); EXECUTE $ddl$S$ddl$;
+//!   <role, search path schemas> || $ddl$S$ddl$); EXECUTE $ddl$S$ddl$;
 //!   END$pgrelay$`, with dollar-quote tags that cannot end early inside S. The client sees S's
 //!   own command tag instead of `DO`, and S's errors and notices without the context lines the
 //!   DO block adds (a syntax error keeps its position in the client's text).
@@ -27,7 +27,7 @@ use crate::protocol::backend::{self as be, tag};
 use crate::protocol::codec::Frame;
 use crate::protocol::frontend as fe;
 use crate::routing::classify::statement_spans;
-use crate::routing::ddl::{self as rddl, Ddl, Refusal, MESSAGE_PREFIX};
+use crate::routing::ddl::{self as rddl, Ddl, Refusal, MESSAGE_HEADER_SQL, MESSAGE_PREFIX};
 use crate::routing::lexer::StringMode;
 
 use super::unit::Unit;
@@ -171,7 +171,7 @@ pub fn plan_parse(parse: &fe::ParseMsg<'_>, temp_check: bool) -> ParsePlan {
         text.push_str(replacement);
         text.push_str(sql.get(end..).unwrap_or(""));
         let mut out = BytesMut::new();
-        fe::parse(&mut out, parse.name, &text);
+        fe::parse(&mut out, parse.name, &text, &[]);
         out.freeze()
     };
     match plan_statement(statement, temp_check) {
@@ -254,7 +254,7 @@ pub fn wrap(statement: &str, relations: &[String]) -> Wrapped {
     let literal = format!("{q}{statement}{q}");
     let emit = format!(
         "PERFORM pg_catalog.pg_logical_emit_message(true, '{MESSAGE_PREFIX}', \
-         pg_catalog.current_setting('search_path') || E'\\n' || {literal});"
+         {MESSAGE_HEADER_SQL} || {literal});"
     );
     let execute = format!("EXECUTE {literal};");
     let body = if relations.is_empty() {
@@ -286,7 +286,7 @@ pub fn emit_after(statement: &str, relations: &[String]) -> String {
     let q = dollar_tag("ddl", &texts);
     let mut sql = format!(
         "SELECT pg_catalog.pg_logical_emit_message(false, '{MESSAGE_PREFIX}', \
-         pg_catalog.current_setting('search_path') || E'\\n' || {q}{statement}{q})"
+         {MESSAGE_HEADER_SQL} || {q}{statement}{q})"
     );
     if !relations.is_empty() {
         sql.push_str(" WHERE NOT ");
@@ -593,10 +593,12 @@ mod tests {
         let w = wrap("alter table a add column c int", &[]);
         assert_eq!(
             w.sql,
-            "DO $pgrelay$BEGIN PERFORM pg_catalog.pg_logical_emit_message(true, 'pgrelay.ddl', \
-             pg_catalog.current_setting('search_path') || E'\\n' || \
-             $ddl$alter table a add column c int$ddl$); \
-             EXECUTE $ddl$alter table a add column c int$ddl$; END$pgrelay$"
+            format!(
+                "DO $pgrelay$BEGIN PERFORM pg_catalog.pg_logical_emit_message(true, 'pgrelay.ddl', \
+                 {MESSAGE_HEADER_SQL} || \
+                 $ddl$alter table a add column c int$ddl$); \
+                 EXECUTE $ddl$alter table a add column c int$ddl$; END$pgrelay$"
+            )
         );
         assert_eq!(w.execute_line, 1);
     }
@@ -684,11 +686,13 @@ mod tests {
         match &r.replies[..] {
             [(0, Reply::EmitAfter { sql })] => assert_eq!(
                 sql,
-                "SELECT pg_catalog.pg_logical_emit_message(false, 'pgrelay.ddl', \
-                 pg_catalog.current_setting('search_path') || E'\\n' || \
-                 $ddl$CREATE INDEX CONCURRENTLY i ON t (a)$ddl$) WHERE NOT EXISTS (SELECT FROM \
-                 pg_catalog.pg_class WHERE oid IN (pg_catalog.to_regclass($ddl$t$ddl$)) AND \
-                 relpersistence = 't')"
+                &format!(
+                    "SELECT pg_catalog.pg_logical_emit_message(false, 'pgrelay.ddl', \
+                     {MESSAGE_HEADER_SQL} || \
+                     $ddl$CREATE INDEX CONCURRENTLY i ON t (a)$ddl$) WHERE NOT EXISTS (SELECT FROM \
+                     pg_catalog.pg_class WHERE oid IN (pg_catalog.to_regclass($ddl$t$ddl$)) AND \
+                     relpersistence = 't')"
+                )
             ),
             other => panic!("{other:?}"),
         }

@@ -69,7 +69,7 @@ impl Session {
                             // The server raises the refusal at Execute instead (a client
                             // that binds parameters is told they do not fit first).
                             let mut out = bytes::BytesMut::new();
-                            fe::parse(&mut out, parse.name, &ddl::raise_block(refusal));
+                            fe::parse(&mut out, parse.name, &ddl::raise_block(refusal), &[]);
                             Some(Arc::new(ddl::StatementDdl {
                                 parse: Some(out.freeze()),
                                 reply: Arc::new(ddl::Reply::Refused),

@@ -29,7 +29,25 @@ pub fn start_row_cluster(followers: usize, prefix: &str) -> LocalCluster {
         ("max_wal_senders".into(), "64".into()),
         ("max_connections".into(), "300".into()),
     ];
-    LocalCluster::start(opts).expect("start the row-mode cluster")
+    let c = LocalCluster::start(opts).expect("start the row-mode cluster");
+    // Roles are not replicated: the test roles exist on every node.
+    let nodes: Vec<NodeInfo> = std::iter::once(c.leader().clone())
+        .chain(c.followers().iter().cloned())
+        .collect();
+    block_on_fresh(async move {
+        for node in nodes {
+            let client = connect_direct(&node, "postgres").await;
+            for (role, pw) in [(super::MD5_USER, "md5-pw"), (super::TRUST_USER, "trust-pw")] {
+                client
+                    .batch_execute(&format!(
+                        "CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{pw}'"
+                    ))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    c
 }
 
 /// The binary's shared row-mode cluster, started on first use.

@@ -26,8 +26,7 @@ use super::relations::{describe_sql, FollowerColumn, Table};
 use super::setup::{literal, record_applied_sql};
 use super::RowError;
 
-/// The prefix of the logical messages that carry DDL (see the session's DDL capture).
-pub const DDL_PREFIX: &str = "pgrelay.ddl";
+use crate::routing::ddl::MESSAGE_PREFIX as DDL_PREFIX;
 
 /// pgrelay's schema on every node; its tables are not replicated.
 const OWN_SCHEMA: &str = "pgrelay";
@@ -557,27 +556,46 @@ impl Applier {
             return Ok(());
         }
         let text = String::from_utf8_lossy(&m.content).into_owned();
-        let (search_path, sql) = text.split_once('\n').unwrap_or(("", text.as_str()));
+        let mut parts = text.splitn(3, '\n');
+        let (Some(role), Some(schemas), Some(sql)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(RowError::Decode(format!(
+                "a DDL message at {} has no role and schemas",
+                format_lsn(at)
+            )));
+        };
+        let follower = self.follower.clone();
+        let fail = move |e: crate::backend::QueryError| {
+            RowError::Follower(format!(
+                "DDL from the leader failed on follower \"{follower}\": {} ({})",
+                e.message, e.code
+            ))
+        };
+        // As the role that ran it (objects get the same owner) and with the schemas its
+        // search_path resolved to on the leader.
+        let setup = |local: bool| {
+            format!(
+                "SELECT pg_catalog.set_config('role', {}, {local}), \
+                 pg_catalog.set_config('search_path', {}, {local})",
+                literal(role),
+                literal(schemas)
+            )
+        };
+        let reset = |local: bool| {
+            format!(
+                "SELECT pg_catalog.set_config('role', 'none', {local}), \
+                 pg_catalog.set_config('search_path', '\"$user\", public', {local})"
+            )
+        };
         if m.transactional {
             if self.skipping {
                 return Ok(());
             }
             // Whatever is queued runs first, then the DDL inside the same follower transaction.
             self.sync_keep_open().await?;
-            let sql = format!(
-                "SELECT pg_catalog.set_config('search_path', {}, true); {sql}",
-                literal(search_path)
-            );
-            self.conn.query(&sql).await.map_err(|e| {
-                RowError::Follower(format!(
-                    "DDL from the leader failed on follower \"{}\": {} ({})",
-                    self.follower, e.message, e.code
-                ))
-            })?;
-            self.conn
-                .query("SELECT pg_catalog.set_config('search_path', '\"$user\", public', true)")
-                .await
-                .map_err(|e| RowError::Follower(e.message))?;
+            let sql = format!("{}; {sql}", setup(true));
+            self.conn.query(&sql).await.map_err(&fail)?;
+            self.conn.query(&reset(true)).await.map_err(&fail)?;
             self.tables.clear();
             self.generation += 1;
             return Ok(());
@@ -588,31 +606,16 @@ impl Applier {
             return Ok(());
         }
         self.finish_group().await?;
-        let set = format!(
-            "SELECT pg_catalog.set_config('search_path', {}, false)",
-            literal(search_path)
-        );
-        self.conn
-            .query(&set)
-            .await
-            .map_err(|e| RowError::Follower(e.message))?;
+        self.conn.query(&setup(false)).await.map_err(&fail)?;
         match self.conn.query(sql).await {
             Ok(_) => info!(follower = %self.follower, "applied DDL outside a transaction"),
             // Run already before a crash that came before its position was recorded.
             Err(e) if matches!(e.code.as_str(), "42P07" | "42710" | "42P06" | "42704") => {
                 warn!(follower = %self.follower, code = %e.code, error = %e.message, "DDL outside a transaction was applied already");
             }
-            Err(e) => {
-                return Err(RowError::Follower(format!(
-                    "DDL from the leader failed on follower \"{}\": {} ({})",
-                    self.follower, e.message, e.code
-                )))
-            }
+            Err(e) => return Err((&fail)(e)),
         }
-        self.conn
-            .query("RESET search_path")
-            .await
-            .map_err(|e| RowError::Follower(e.message))?;
+        self.conn.query(&reset(false)).await.map_err(&fail)?;
         // One past the message, so that a restart does not run it again.
         let next = at + 1;
         self.conn
@@ -621,7 +624,7 @@ impl Applier {
                 self.record_sql.replace("$1", &literal(&format_lsn(next)))
             ))
             .await
-            .map_err(|e| RowError::Follower(e.message))?;
+            .map_err(&fail)?;
         self.applied = self.applied.max(next);
         Ok(())
     }

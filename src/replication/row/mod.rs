@@ -375,7 +375,9 @@ async fn database_task(
                 RowError::Setup(_) | RowError::Mismatch(_) | RowError::Diverged(_) => {
                     error!(follower = %follower, database = %database, error = %text, "replication stopped; retrying every {SLOW_RETRY:?}")
                 }
-                _ => warn!(follower = %follower, database = %database, error = %text, "replication stopped; retrying"),
+                _ => {
+                    warn!(follower = %follower, database = %database, error = %text, "replication stopped; retrying")
+                }
             }
         }
         // A follower the applier cannot keep equal to the leader is not read from; one that is
@@ -550,11 +552,13 @@ async fn replicate(
                 })?;
             created.consistent_point
         }
-        FollowerDb::Foreign { tables } => return Err(RowError::Setup(format!(
+        FollowerDb::Foreign { tables } => {
+            return Err(RowError::Setup(format!(
             "database \"{database}\" on follower \"{follower}\" has {tables} tables that pgrelay \
                  did not copy; row mode copies the leader into an empty database (drop it, or list \
                  the databases to replicate in replication.databases)"
-        ))),
+        )))
+        }
     };
     leader.terminate().await;
     stream.start(&slot, start).await?;
