@@ -763,6 +763,7 @@ async fn a_transaction_sent_again_is_not_applied_twice() {
         applier.apply(0x200, m).await.unwrap();
     }
     applier.finish_group().await.unwrap();
+    applier.wait_all().await.unwrap();
     assert_eq!(applier.applied(), 0x210);
     applier.close().await;
     assert_eq!(count().await, 1);
@@ -778,6 +779,7 @@ async fn a_transaction_sent_again_is_not_applied_twice() {
         applier.apply(0x300, m).await.unwrap();
     }
     applier.finish_group().await.unwrap();
+    applier.wait_all().await.unwrap();
     applier.close().await;
     assert_eq!(
         count().await,

@@ -33,9 +33,12 @@ const OWN_SCHEMA: &str = "pgrelay";
 
 /// A group is committed after this many leader transactions even if more are waiting.
 const GROUP_TRANSACTIONS: u64 = 1000;
-/// Replies are read after this many pipelined statements, so that neither side's socket
-/// buffer fills up while the other waits (a large leader transaction).
-const PIPELINE_DEPTH: usize = 5000;
+/// At most this many statements' replies are outstanding (about 25 bytes each, well within
+/// the sockets' buffers), so that neither side blocks writing while the other waits.
+const OUTSTANDING_REPLIES: usize = 2000;
+/// Groups sent whose commit is not confirmed yet: the next group is prepared while the
+/// follower applies the previous one.
+const GROUPS_IN_FLIGHT: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Op {
@@ -73,7 +76,16 @@ pub struct Applier {
     next_statement: u64,
     generation: u64,
     prepared_fixed: bool,
+    /// Replies still to come, in order.
     checks: VecDeque<Check>,
+    /// Checks queued since the last Sync.
+    unsynced: usize,
+    /// Syncs sent whose ReadyForQuery has not arrived, oldest first.
+    syncs: VecDeque<PendingSync>,
+    /// The first error among the replies of the oldest Sync.
+    failure: Option<RowError>,
+    /// Rows applied by replies read so far, counted once their group commits.
+    rows: [u64; 4],
     /// A follower transaction is open (BEGIN sent).
     open: bool,
     /// Inside a leader transaction (Begin seen, Commit not yet).
@@ -85,7 +97,21 @@ pub struct Applier {
     /// End position of the last leader transaction in the open group.
     group_end: Option<Position>,
     group_transactions: u64,
-    group_rows: [u64; 4],
+}
+
+/// A Sync sent to the follower.
+#[derive(Debug)]
+struct PendingSync {
+    /// Checks (replies) that belong to it.
+    checks: usize,
+    /// Set for the Sync behind a group's COMMIT: what that group makes durable.
+    commit: Option<Committed>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Committed {
+    end: Option<Position>,
+    transactions: u64,
 }
 
 fn follower_io(e: std::io::Error) -> RowError {
@@ -114,13 +140,16 @@ impl Applier {
             generation: 0,
             prepared_fixed: false,
             checks: VecDeque::new(),
+            unsynced: 0,
+            syncs: VecDeque::new(),
+            failure: None,
+            rows: [0; 4],
             open: false,
             in_leader_tx: false,
             skipping: false,
             applied,
             group_end: None,
             group_transactions: 0,
-            group_rows: [0; 4],
         }
     }
 
@@ -146,7 +175,7 @@ impl Applier {
     /// The leader sent everything up to `wal_end` and the follower applied it all: nothing
     /// between the last commit and there concerns this database.
     pub fn caught_up_to(&mut self, wal_end: Position) {
-        if !self.open && !self.in_leader_tx {
+        if !self.open && !self.in_leader_tx && self.syncs.is_empty() {
             self.applied = self.applied.max(wal_end);
         }
     }
@@ -171,7 +200,6 @@ impl Applier {
                     self.skipping = false;
                     return Ok(());
                 }
-                self.record(c.end_lsn);
                 self.group_end = Some(c.end_lsn);
                 self.group_transactions += 1;
             }
@@ -193,8 +221,13 @@ impl Applier {
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
             }
         }
-        if self.checks.len() >= PIPELINE_DEPTH {
-            self.sync().await?;
+        if self.checks.len() >= OUTSTANDING_REPLIES {
+            // Read replies before sending more, so that neither side's socket buffer fills
+            // up while the other waits for it.
+            self.conn.flush().await.map_err(follower_io)?;
+            while self.checks.len() >= OUTSTANDING_REPLIES / 2 {
+                self.read_reply().await?;
+            }
         }
         if self.conn.wbuf.len() >= 64 * 1024 {
             self.conn.flush().await.map_err(follower_io)?;
@@ -230,6 +263,7 @@ impl Applier {
         fe::bind_text(&mut self.conn.wbuf, statement, params.iter().copied());
         fe::execute(&mut self.conn.wbuf);
         self.checks.push_back(check);
+        self.unsynced += 1;
     }
 
     fn begin(&mut self) -> Result<(), RowError> {
@@ -258,10 +292,14 @@ impl Applier {
         );
     }
 
-    /// Commits the open group and reads every reply; the follower then holds the group.
+    /// Commits the open group. Its replies are read later ([`Applier::read_reply`]), while
+    /// the next group is sent: the position advances once the follower confirmed the commit.
     pub async fn finish_group(&mut self) -> Result<(), RowError> {
         if !self.open {
             return Ok(());
+        }
+        if let Some(end) = self.group_end {
+            self.record(end);
         }
         self.run(
             "pgrelay_commit",
@@ -271,93 +309,135 @@ impl Applier {
                 relation: 0,
             },
         );
-        self.sync().await?;
+        let committed = Committed {
+            end: self.group_end.take(),
+            transactions: self.group_transactions,
+        };
+        self.queue_sync(Some(committed));
         self.open = false;
-        if let Some(end) = self.group_end.take() {
-            self.applied = self.applied.max(end);
-        }
-        if let Some(m) = &self.metrics {
-            m.apply_transactions.increment(self.group_transactions);
-            m.apply_inserts.increment(self.group_rows[0]);
-            m.apply_updates.increment(self.group_rows[1]);
-            m.apply_deletes.increment(self.group_rows[2]);
-            m.apply_truncates.increment(self.group_rows[3]);
-        }
         self.group_transactions = 0;
-        self.group_rows = [0; 4];
+        self.conn.flush().await.map_err(follower_io)?;
+        while self.syncs.len() > GROUPS_IN_FLIGHT {
+            self.read_reply().await?;
+        }
         Ok(())
     }
 
-    /// Sends what is queued with a Sync and checks every reply (inside an open follower
-    /// transaction a Sync does not commit).
-    async fn sync(&mut self) -> Result<(), RowError> {
+    fn queue_sync(&mut self, commit: Option<Committed>) {
         fe::sync(&mut self.conn.wbuf);
+        self.syncs.push_back(PendingSync {
+            checks: self.unsynced,
+            commit,
+        });
+        self.unsynced = 0;
+    }
+
+    /// Groups sent whose commit the follower has not confirmed yet.
+    pub fn in_flight(&self) -> bool {
+        !self.syncs.is_empty()
+    }
+
+    /// Waits until the follower answered everything sent.
+    pub async fn wait_all(&mut self) -> Result<(), RowError> {
         self.conn.flush().await.map_err(follower_io)?;
-        let mut failure: Option<RowError> = None;
-        loop {
-            let frame = self.conn.read_frame().await.map_err(follower_io)?;
-            match frame.tag() {
-                tag::COMMAND_COMPLETE => {
-                    let check = self.checks.pop_front();
-                    if failure.is_some() {
-                        continue;
-                    }
-                    let body = frame.body();
-                    let command = be::parse_command_complete(&body).unwrap_or_default();
-                    if let Some(check) = check {
-                        let rows = command
-                            .rsplit(' ')
-                            .next()
-                            .and_then(|n| n.parse::<u64>().ok());
-                        match check.op {
-                            Op::Update | Op::Delete if rows == Some(0) => {
-                                failure = Some(RowError::Diverged(format!(
-                                    "the row to {} in {} is missing on follower \"{}\"",
-                                    if check.op == Op::Update {
-                                        "update"
-                                    } else {
-                                        "delete"
-                                    },
-                                    self.table_name(check.relation),
-                                    self.follower
-                                )));
-                            }
-                            Op::Insert => self.group_rows[0] += 1,
-                            Op::Update => self.group_rows[1] += 1,
-                            Op::Delete => self.group_rows[2] += 1,
-                            Op::Truncate => self.group_rows[3] += 1,
-                            _ => {}
-                        }
-                    }
+        while !self.syncs.is_empty() {
+            self.read_reply().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks one reply of the follower. Cancel-safe: the read keeps partial input
+    /// buffered, and the reply is handled without awaiting.
+    pub async fn read_reply(&mut self) -> Result<(), RowError> {
+        let frame = self.conn.read_frame().await.map_err(follower_io)?;
+        self.on_reply(&frame)
+    }
+
+    fn on_reply(&mut self, frame: &crate::protocol::codec::Frame) -> Result<(), RowError> {
+        match frame.tag() {
+            tag::COMMAND_COMPLETE => {
+                let check = self.checks.pop_front();
+                if let Some(sync) = self.syncs.front_mut() {
+                    sync.checks = sync.checks.saturating_sub(1);
                 }
-                tag::ERROR_RESPONSE => {
+                if self.failure.is_some() {
+                    return Ok(());
+                }
+                let Some(check) = check else {
+                    return Ok(());
+                };
+                let body = frame.body();
+                let command = be::parse_command_complete(&body).unwrap_or_default();
+                let rows = command
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok());
+                match check.op {
+                    Op::Update | Op::Delete if rows == Some(0) => {
+                        self.failure = Some(RowError::Diverged(format!(
+                            "the row to {} in {} is missing on follower \"{}\"",
+                            if check.op == Op::Update {
+                                "update"
+                            } else {
+                                "delete"
+                            },
+                            self.table_name(check.relation),
+                            self.follower
+                        )));
+                    }
+                    Op::Insert => self.rows[0] += 1,
+                    Op::Update => self.rows[1] += 1,
+                    Op::Delete => self.rows[2] += 1,
+                    Op::Truncate => self.rows[3] += 1,
+                    Op::Other => {}
+                }
+            }
+            tag::ERROR_RESPONSE => {
+                if self.failure.is_none() {
                     let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
-                    let check = self.checks.front();
-                    let what = match check {
+                    let what = match self.checks.front() {
                         Some(c) if c.relation != 0 => {
                             format!("{:?} on {}", c.op, self.table_name(c.relation))
                         }
                         _ => "a statement".to_owned(),
                     };
-                    failure = Some(RowError::Follower(format!(
+                    self.failure = Some(RowError::Follower(format!(
                         "applying {what} failed on follower \"{}\": {} ({})",
                         self.follower, f.message, f.code
                     )));
                 }
-                tag::READY_FOR_QUERY => break,
-                _ => {}
             }
-        }
-        self.checks.clear();
-        match failure {
-            None => Ok(()),
-            Some(err) => {
-                // The follower transaction is lost: the next connection starts over from the
-                // recorded position.
-                self.open = false;
-                Err(err)
+            tag::READY_FOR_QUERY => {
+                let Some(sync) = self.syncs.pop_front() else {
+                    return Err(RowError::Follower("an unexpected ReadyForQuery".into()));
+                };
+                // After an error the follower skipped the rest up to the Sync.
+                for _ in 0..sync.checks {
+                    self.checks.pop_front();
+                }
+                if let Some(err) = self.failure.take() {
+                    // The follower transaction is lost: the next connection starts over from
+                    // the recorded position.
+                    self.open = false;
+                    return Err(err);
+                }
+                if let Some(done) = sync.commit {
+                    if let Some(end) = done.end {
+                        self.applied = self.applied.max(end);
+                    }
+                    if let Some(m) = &self.metrics {
+                        m.apply_transactions.increment(done.transactions);
+                        m.apply_inserts.increment(self.rows[0]);
+                        m.apply_updates.increment(self.rows[1]);
+                        m.apply_deletes.increment(self.rows[2]);
+                        m.apply_truncates.increment(self.rows[3]);
+                    }
+                    self.rows = [0; 4];
+                }
             }
+            _ => {}
         }
+        Ok(())
     }
 
     fn table_name(&self, relation: u32) -> String {
@@ -410,12 +490,11 @@ impl Applier {
             .ok_or_else(|| RowError::Decode(format!("relation {relation} vanished")))
     }
 
-    /// A Sync in the middle of a group, keeping the follower transaction open.
+    /// Everything sent so far answered, in the middle of a group: the follower transaction
+    /// stays open (a Sync inside a transaction block does not commit).
     async fn sync_keep_open(&mut self) -> Result<(), RowError> {
-        let open = self.open;
-        self.sync().await?;
-        self.open = open;
-        Ok(())
+        self.queue_sync(None);
+        self.wait_all().await
     }
 
     /// The name of the prepared statement for `key`, queuing its Parse on first use.
@@ -606,6 +685,7 @@ impl Applier {
             return Ok(());
         }
         self.finish_group().await?;
+        self.wait_all().await?;
         self.conn.query(&setup(false)).await.map_err(&fail)?;
         match self.conn.query(sql).await {
             Ok(_) => info!(follower = %self.follower, "applied DDL outside a transaction"),
@@ -613,7 +693,7 @@ impl Applier {
             Err(e) if matches!(e.code.as_str(), "42P07" | "42710" | "42P06" | "42704") => {
                 warn!(follower = %self.follower, code = %e.code, error = %e.message, "DDL outside a transaction was applied already");
             }
-            Err(e) => return Err((&fail)(e)),
+            Err(e) => return Err(fail(e)),
         }
         self.conn.query(&reset(false)).await.map_err(&fail)?;
         // One past the message, so that a restart does not run it again.

@@ -600,6 +600,11 @@ async fn stream_loop(
             None => tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 e = stream.next() => Some(e?),
+                // The follower confirms groups sent earlier.
+                r = applier.read_reply(), if applier.in_flight() => {
+                    r?;
+                    None
+                }
                 _ = status_tick.tick() => {
                     if stream.status_due() {
                         stream.send_status(applier.applied()).await?;
@@ -611,20 +616,21 @@ async fn stream_loop(
         let mut reply = false;
         match event {
             Some(Event::Change { at, message }) => applier.apply(at, message).await?,
-            Some(Event::Keepalive {
-                wal_end,
-                reply_requested,
-            }) => {
+            Some(Event::Keepalive { wal_end, .. }) => {
+                // Everything before wal_end was sent: once the follower has it all, its
+                // position is wal_end.
                 if applier.has_open_group() {
                     applier.finish_group().await?;
                 }
+                if !applier.in_leader_transaction() {
+                    applier.wait_all().await?;
+                }
                 applier.caught_up_to(wal_end);
                 reply = true;
-                let _ = reply_requested;
             }
             None => {}
         }
-        if applier.applied() != reported && !applier.has_open_group() {
+        if applier.applied() != reported {
             reported = applier.applied();
             shared.update(database, |s| s.applied = Some(reported));
             reply = true;
