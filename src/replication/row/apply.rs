@@ -112,6 +112,9 @@ struct PendingSync {
 struct Committed {
     end: Option<Position>,
     transactions: u64,
+    /// The leader said it sent everything before this while the group was in flight: once
+    /// the group is confirmed, the follower is there.
+    caught_up: Option<Position>,
 }
 
 fn follower_io(e: std::io::Error) -> RowError {
@@ -172,11 +175,24 @@ impl Applier {
         self.group_transactions >= GROUP_TRANSACTIONS
     }
 
-    /// The leader sent everything up to `wal_end` and the follower applied it all: nothing
-    /// between the last commit and there concerns this database.
+    /// The leader sent everything up to `wal_end`: nothing between the last commit and there
+    /// concerns this database. The follower is at `wal_end` once it confirmed everything sent
+    /// so far (at once if nothing is in flight). Call it with no group open; inside a leader
+    /// transaction it means nothing.
     pub fn caught_up_to(&mut self, wal_end: Position) {
-        if !self.open && !self.in_leader_tx && self.syncs.is_empty() {
-            self.applied = self.applied.max(wal_end);
+        if self.open || self.in_leader_tx {
+            return;
+        }
+        match self.syncs.back_mut() {
+            None => self.applied = self.applied.max(wal_end),
+            Some(last) => {
+                let commit = last.commit.get_or_insert(Committed {
+                    end: None,
+                    transactions: 0,
+                    caught_up: None,
+                });
+                commit.caught_up = Some(commit.caught_up.unwrap_or(0).max(wal_end));
+            }
         }
     }
 
@@ -312,6 +328,7 @@ impl Applier {
         let committed = Committed {
             end: self.group_end.take(),
             transactions: self.group_transactions,
+            caught_up: None,
         };
         self.queue_sync(Some(committed));
         self.open = false;
@@ -422,7 +439,7 @@ impl Applier {
                     return Err(err);
                 }
                 if let Some(done) = sync.commit {
-                    if let Some(end) = done.end {
+                    if let Some(end) = done.end.max(done.caught_up) {
                         self.applied = self.applied.max(end);
                     }
                     if let Some(m) = &self.metrics {

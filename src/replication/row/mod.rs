@@ -74,6 +74,9 @@ impl RowError {
 
 /// How often the leader's database list is read again when `replication.databases` is empty.
 const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
+/// How often, at most, the leader is told what a follower committed (besides answering its
+/// keepalives).
+const CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
 /// How often lag is published for a follower whose position did not move.
 const LAG_REFRESH: Duration = Duration::from_millis(200);
 /// How long a stream that stopped on a mismatch or a setup problem waits before trying again.
@@ -582,7 +585,7 @@ async fn stream_loop(
     stop: &CancellationToken,
 ) -> Result<(), RowError> {
     let mut reported = applier.applied();
-    let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut status_tick = tokio::time::interval(CONFIRM_INTERVAL);
     loop {
         // While a group is open, more already-received transactions join it; when none is
         // waiting, the group commits at once.
@@ -605,38 +608,32 @@ async fn stream_loop(
                     r?;
                     None
                 }
-                _ = status_tick.tick() => {
-                    if stream.status_due() {
-                        stream.send_status(applier.applied()).await?;
-                    }
-                    None
-                }
+                _ = status_tick.tick() => None,
             },
         };
-        let mut reply = false;
+        let mut confirm = false;
         match event {
             Some(Event::Change { at, message }) => applier.apply(at, message).await?,
             Some(Event::Keepalive { wal_end, .. }) => {
                 // Everything before wal_end was sent: once the follower has it all, its
-                // position is wal_end.
+                // position is wal_end. The leader waits for an answer to each keepalive.
                 if applier.has_open_group() {
                     applier.finish_group().await?;
                 }
-                if !applier.in_leader_transaction() {
-                    applier.wait_all().await?;
-                }
                 applier.caught_up_to(wal_end);
-                reply = true;
+                confirm = true;
             }
             None => {}
         }
         if applier.applied() != reported {
             reported = applier.applied();
             shared.update(database, |s| s.applied = Some(reported));
-            reply = true;
         }
-        if reply {
-            stream.send_status(applier.applied()).await?;
+        // The leader learns what the follower committed now and then (it only frees WAL by
+        // it), and at once when it asked.
+        if confirm || (stream.confirmed() != reported && stream.since_status() >= CONFIRM_INTERVAL)
+        {
+            stream.send_status(reported).await?;
         }
     }
 }

@@ -43,16 +43,13 @@ pub enum Event {
     },
 }
 
-/// How often the leader hears from pgrelay even when nothing changed (well under the
-/// default `wal_sender_timeout` of 60 s).
-const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-
 pub struct ReplicationStream {
     conn: BackendConn,
     streaming: bool,
     /// The highest WAL position received.
     received: Position,
     last_status: Instant,
+    confirmed: Position,
 }
 
 impl ReplicationStream {
@@ -62,6 +59,7 @@ impl ReplicationStream {
             streaming: false,
             received: 0,
             last_status: Instant::now(),
+            confirmed: 0,
         }
     }
 
@@ -206,12 +204,18 @@ impl ReplicationStream {
         );
         self.conn.flush().await.map_err(leader_io)?;
         self.last_status = Instant::now();
+        self.confirmed = flushed;
         Ok(())
     }
 
-    /// Whether it is time for a status update even though nothing asked for one.
-    pub fn status_due(&self) -> bool {
-        self.last_status.elapsed() >= STATUS_INTERVAL
+    /// Time since the last status update.
+    pub fn since_status(&self) -> Duration {
+        self.last_status.elapsed()
+    }
+
+    /// The flushed position last reported to the leader.
+    pub fn confirmed(&self) -> Position {
+        self.confirmed
     }
 
     pub async fn close(self) {
