@@ -314,6 +314,37 @@ async fn quorum_ack_means_a_follower_has_the_commit_when_it_returns() {
 }
 
 #[tokio::test]
+async fn quorum_ack_holds_a_copy_until_a_follower_has_its_rows() {
+    use futures_util::SinkExt;
+    let db = database("quorumcopy").await;
+    let (proxy, _) = lag_proxy("[replication]\nack = \"quorum:1\"\n").await;
+    let e = env();
+    let client = connect_proxy(proxy, &db).await;
+    let sink = client
+        .copy_in("COPY t FROM STDIN WITH (FORMAT csv)")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    let data: String = (1000..1100).map(|i| format!("{i},c\n")).collect();
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 100);
+    let mut found = 0;
+    for f in [&e.fast, &e.slow] {
+        let n: i64 = connect_direct(f, &db)
+            .await
+            .query_one("SELECT count(*) FROM t WHERE id >= 1000", &[])
+            .await
+            .unwrap()
+            .get(0);
+        found = found.max(n);
+    }
+    assert_eq!(
+        found, 100,
+        "no follower had the copied rows when the COPY returned"
+    );
+}
+
+#[tokio::test]
 async fn ack_all_times_out_with_a_warning_when_a_follower_lags() {
     let db = database("ackall").await;
     let (proxy, metrics) =

@@ -300,7 +300,9 @@ impl Session {
             && node == leader
             && unit.ends_group
             && ((unit.writes && !in_tx) || (unit.ends_tx && (self.tx_wrote || unit.writes)));
-        let hold = capture && self.config.replication.ack != Ack::Async;
+        // The commit's replies wait for its position (which follows on the same connection):
+        // with `ack = "async"` only for that, otherwise until followers applied it.
+        let hold = capture;
         // Row mode: DDL on the leader is rewritten (see `ddl`).
         let row_ddl = node == leader && self.row_mode();
         // A read outside a transaction may run again elsewhere if its follower dies first.
@@ -421,7 +423,9 @@ impl Session {
                 });
             }
             self.captures_in_flight += 1;
-            if hold {
+            // A COPY's replies (CopyInResponse first) must reach the client for it to send
+            // its data; its ReadyForQuery is held once it arrives (see the relay).
+            if hold && !unit.copies {
                 self.holding = true;
             }
         }

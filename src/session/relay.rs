@@ -94,6 +94,8 @@ impl Session {
                         capture: true,
                         ..Group::default()
                     });
+                    // The COPY's ReadyForQuery waits for its position, like any commit's.
+                    self.holding = true;
                 }
                 if !group.forward {
                     return Ok(());
@@ -200,6 +202,12 @@ impl Session {
             self.last_write = Some(self.last_write.map_or(p, |w| w.max(p)));
         }
         match (self.holding, position) {
+            // Acknowledged before the client hears of the commit, so that a `global` read
+            // that starts after it waits for it.
+            (true, Some(p)) if self.config.replication.ack == Ack::Async => {
+                self.shared.positions.acknowledge(p);
+                self.release(None);
+            }
             (true, Some(p)) => {
                 self.ack_wait = Some(AckWait {
                     position: p,

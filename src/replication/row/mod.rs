@@ -233,13 +233,7 @@ async fn follower_task(
                 .iter()
                 .map(|db| setup::slot_name(&name, db))
                 .collect();
-            if let (Some(conn), Some(m)) = (leader.as_mut(), &follower_metrics) {
-                if let Ok(bytes) = retained_bytes(conn, &slots).await {
-                    m.slot_retained_bytes.set(bytes as f64);
-                }
-            } else if leader.is_none() && config.replication.databases.is_empty() {
-                // Reconnected at the next discovery.
-            } else if leader.is_none() {
+            if leader.is_none() {
                 leader = connect_own(
                     &config,
                     config.leader,
@@ -249,6 +243,12 @@ async fn follower_task(
                 )
                 .await
                 .ok();
+            }
+            if let (Some(conn), Some(m)) = (leader.as_mut(), &follower_metrics) {
+                match retained_bytes(conn, &slots).await {
+                    Ok(bytes) => m.slot_retained_bytes.set(bytes as f64),
+                    Err(_) => leader = None,
+                }
             }
         }
         // Publish the follower's position: the lowest of its ready databases.
