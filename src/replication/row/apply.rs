@@ -409,20 +409,18 @@ impl Applier {
                     Op::Other => {}
                 }
             }
-            tag::ERROR_RESPONSE => {
-                if self.failure.is_none() {
-                    let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
-                    let what = match self.checks.front() {
-                        Some(c) if c.relation != 0 => {
-                            format!("{:?} on {}", c.op, self.table_name(c.relation))
-                        }
-                        _ => "a statement".to_owned(),
-                    };
-                    self.failure = Some(RowError::Follower(format!(
-                        "applying {what} failed on follower \"{}\": {} ({})",
-                        self.follower, f.message, f.code
-                    )));
-                }
+            tag::ERROR_RESPONSE if self.failure.is_none() => {
+                let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                let what = match self.checks.front() {
+                    Some(c) if c.relation != 0 => {
+                        format!("{:?} on {}", c.op, self.table_name(c.relation))
+                    }
+                    _ => "a statement".to_owned(),
+                };
+                self.failure = Some(RowError::Follower(format!(
+                    "applying {what} failed on follower \"{}\": {} ({})",
+                    self.follower, f.message, f.code
+                )));
             }
             tag::READY_FOR_QUERY => {
                 let Some(sync) = self.syncs.pop_front() else {
