@@ -11,20 +11,23 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::backend::BackendConn;
 use crate::metrics::FollowerMetrics;
-use crate::protocol::backend::{self as be, tag};
+
 use crate::protocol::frontend as fe;
 use crate::protocol::pgoutput::{
-    Delete, Insert, LogicalMessage, Message, OldTuple, Truncate, Tuple, Update, Value,
+    Delete, Insert, Message, OldTuple, Truncate, Tuple, Update, Value,
 };
 
 use super::super::positions::{format_lsn, Position};
 use super::relations::{describe_sql, FollowerColumn, Table};
-use super::setup::{literal, record_applied_sql};
+use super::setup::record_applied_sql;
 use super::RowError;
+
+mod ddl;
+mod replies;
 
 use crate::routing::ddl::MESSAGE_PREFIX as DDL_PREFIX;
 
@@ -340,121 +343,6 @@ impl Applier {
         Ok(())
     }
 
-    fn queue_sync(&mut self, commit: Option<Committed>) {
-        fe::sync(&mut self.conn.wbuf);
-        self.syncs.push_back(PendingSync {
-            checks: self.unsynced,
-            commit,
-        });
-        self.unsynced = 0;
-    }
-
-    /// Groups sent whose commit the follower has not confirmed yet.
-    pub fn in_flight(&self) -> bool {
-        !self.syncs.is_empty()
-    }
-
-    /// Waits until the follower answered everything sent.
-    pub async fn wait_all(&mut self) -> Result<(), RowError> {
-        self.conn.flush().await.map_err(follower_io)?;
-        while !self.syncs.is_empty() {
-            self.read_reply().await?;
-        }
-        Ok(())
-    }
-
-    /// Reads and checks one reply of the follower. Cancel-safe: the read keeps partial input
-    /// buffered, and the reply is handled without awaiting.
-    pub async fn read_reply(&mut self) -> Result<(), RowError> {
-        let frame = self.conn.read_frame().await.map_err(follower_io)?;
-        self.on_reply(&frame)
-    }
-
-    fn on_reply(&mut self, frame: &crate::protocol::codec::Frame) -> Result<(), RowError> {
-        match frame.tag() {
-            tag::COMMAND_COMPLETE => {
-                let check = self.checks.pop_front();
-                if let Some(sync) = self.syncs.front_mut() {
-                    sync.checks = sync.checks.saturating_sub(1);
-                }
-                if self.failure.is_some() {
-                    return Ok(());
-                }
-                let Some(check) = check else {
-                    return Ok(());
-                };
-                let body = frame.body();
-                let command = be::parse_command_complete(&body).unwrap_or_default();
-                let rows = command
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok());
-                match check.op {
-                    Op::Update | Op::Delete if rows == Some(0) => {
-                        self.failure = Some(RowError::Diverged(format!(
-                            "the row to {} in {} is missing on follower \"{}\"",
-                            if check.op == Op::Update {
-                                "update"
-                            } else {
-                                "delete"
-                            },
-                            self.table_name(check.relation),
-                            self.follower
-                        )));
-                    }
-                    Op::Insert => self.rows[0] += 1,
-                    Op::Update => self.rows[1] += 1,
-                    Op::Delete => self.rows[2] += 1,
-                    Op::Truncate => self.rows[3] += 1,
-                    Op::Other => {}
-                }
-            }
-            tag::ERROR_RESPONSE if self.failure.is_none() => {
-                let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
-                let what = match self.checks.front() {
-                    Some(c) if c.relation != 0 => {
-                        format!("{:?} on {}", c.op, self.table_name(c.relation))
-                    }
-                    _ => "a statement".to_owned(),
-                };
-                self.failure = Some(RowError::Follower(format!(
-                    "applying {what} failed on follower \"{}\": {} ({})",
-                    self.follower, f.message, f.code
-                )));
-            }
-            tag::READY_FOR_QUERY => {
-                let Some(sync) = self.syncs.pop_front() else {
-                    return Err(RowError::Follower("an unexpected ReadyForQuery".into()));
-                };
-                // After an error the follower skipped the rest up to the Sync.
-                for _ in 0..sync.checks {
-                    self.checks.pop_front();
-                }
-                if let Some(err) = self.failure.take() {
-                    // The follower transaction is lost: the next connection starts over from
-                    // the recorded position.
-                    self.open = false;
-                    return Err(err);
-                }
-                if let Some(done) = sync.commit {
-                    if let Some(end) = done.end.max(done.caught_up) {
-                        self.applied = self.applied.max(end);
-                    }
-                    if let Some(m) = &self.metrics {
-                        m.apply_transactions.increment(done.transactions);
-                        m.apply_inserts.increment(self.rows[0]);
-                        m.apply_updates.increment(self.rows[1]);
-                        m.apply_deletes.increment(self.rows[2]);
-                        m.apply_truncates.increment(self.rows[3]);
-                    }
-                    self.rows = [0; 4];
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
     fn table_name(&self, relation: u32) -> String {
         self.relations
             .get(&relation)
@@ -641,86 +529,6 @@ impl Applier {
                 relation: t.relations.first().copied().unwrap_or(0),
             },
         );
-        Ok(())
-    }
-
-    /// A logical message: DDL that passed through pgrelay, executed at its place in the stream.
-    async fn message(&mut self, at: Position, m: LogicalMessage) -> Result<(), RowError> {
-        if m.prefix != DDL_PREFIX {
-            return Ok(());
-        }
-        let text = String::from_utf8_lossy(&m.content).into_owned();
-        let mut parts = text.splitn(3, '\n');
-        let (Some(role), Some(schemas), Some(sql)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(RowError::Decode(format!(
-                "a DDL message at {} has no role and schemas",
-                format_lsn(at)
-            )));
-        };
-        let follower = self.follower.clone();
-        let fail = move |e: crate::backend::QueryError| {
-            RowError::Follower(format!(
-                "DDL from the leader failed on follower \"{follower}\": {} ({})",
-                e.message, e.code
-            ))
-        };
-        // As the role that ran it (objects get the same owner) and with the schemas its
-        // search_path resolved to on the leader.
-        let setup = |local: bool| {
-            format!(
-                "SELECT pg_catalog.set_config('role', {}, {local}), \
-                 pg_catalog.set_config('search_path', {}, {local})",
-                literal(role),
-                literal(schemas)
-            )
-        };
-        let reset = |local: bool| {
-            format!(
-                "SELECT pg_catalog.set_config('role', 'none', {local}), \
-                 pg_catalog.set_config('search_path', '\"$user\", public', {local})"
-            )
-        };
-        if m.transactional {
-            if self.skipping {
-                return Ok(());
-            }
-            // Whatever is queued runs first, then the DDL inside the same follower transaction.
-            self.sync_keep_open().await?;
-            let sql = format!("{}; {sql}", setup(true));
-            self.conn.query(&sql).await.map_err(&fail)?;
-            self.conn.query(&reset(true)).await.map_err(&fail)?;
-            self.tables.clear();
-            self.generation += 1;
-            return Ok(());
-        }
-        // Not transactional (CREATE INDEX CONCURRENTLY and the like): it runs on its own,
-        // after everything before it, and its position is recorded right after.
-        if at < self.applied {
-            return Ok(());
-        }
-        self.finish_group().await?;
-        self.wait_all().await?;
-        self.conn.query(&setup(false)).await.map_err(&fail)?;
-        match self.conn.query(sql).await {
-            Ok(_) => info!(follower = %self.follower, "applied DDL outside a transaction"),
-            // Run already before a crash that came before its position was recorded.
-            Err(e) if matches!(e.code.as_str(), "42P07" | "42710" | "42P06" | "42704") => {
-                warn!(follower = %self.follower, code = %e.code, error = %e.message, "DDL outside a transaction was applied already");
-            }
-            Err(e) => return Err(fail(e)),
-        }
-        self.conn.query(&reset(false)).await.map_err(&fail)?;
-        // One past the message, so that a restart does not run it again.
-        let next = at + 1;
-        self.conn
-            .query(&format!(
-                "BEGIN; {}; COMMIT",
-                self.record_sql.replace("$1", &literal(&format_lsn(next)))
-            ))
-            .await
-            .map_err(&fail)?;
-        self.applied = self.applied.max(next);
         Ok(())
     }
 
