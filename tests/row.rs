@@ -238,11 +238,7 @@ async fn truncate_is_replicated_and_a_table_without_identity_refuses_updates() {
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     for f in &info.followers {
         let c = connect_direct(f, &db).await;
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM ledger", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = ledger_rows(&c).await;
         assert_eq!(n, 1, "truncated on {}", f.name);
     }
 }
@@ -335,6 +331,15 @@ async fn quorum_ack_returns_after_every_follower_applied() {
     }
 }
 
+/// Rows in the ledger table, as `client`'s node has them.
+async fn ledger_rows(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Writes through pgrelay until told to stop: each transaction moves money and appends to the
 /// ledger (no key, so a duplicated insert would show). Returns how many commits succeeded.
 async fn load(
@@ -402,11 +407,7 @@ async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
     // Kill it once the followers applied part of the load.
     let follower = connect_direct(&info.followers[0], &db).await;
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = follower
-            .query_one("SELECT count(*) FROM ledger", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = ledger_rows(&follower).await;
         n > ledger_before + 100
     })
     .await;
@@ -419,11 +420,7 @@ async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
     let second = tokio::spawn(load(proxy.addr, db.clone(), stop_rx));
     let leader = connect_direct(&info.leader, &db).await;
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader
-            .query_one("SELECT count(*) FROM ledger", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = ledger_rows(&leader).await;
         n as u64 > ledger_before as u64 + committed_first + 100
     })
     .await;
@@ -431,11 +428,7 @@ async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
     let committed_second = second.await.unwrap();
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     // Every acknowledged commit is on the leader (one in flight at the kill may be too).
-    let ledger_after: i64 = leader
-        .query_one("SELECT count(*) FROM ledger", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let ledger_after = ledger_rows(&leader).await;
     let acked = committed_first + committed_second;
     let added = (ledger_after - ledger_before) as u64;
     assert!(
@@ -478,17 +471,9 @@ async fn a_follower_stopped_and_a_leader_crashed_during_the_load_catch_up() {
     .await;
     // Writes go on while it is down; the other follower keeps up.
     let leader = connect_direct(&info.leader, &db).await;
-    let before: i64 = leader
-        .query_one("SELECT count(*) FROM ledger", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let before = ledger_rows(&leader).await;
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader
-            .query_one("SELECT count(*) FROM ledger", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = ledger_rows(&leader).await;
         n > before + 200
     })
     .await;
@@ -508,17 +493,9 @@ async fn a_follower_stopped_and_a_leader_crashed_during_the_load_catch_up() {
     cluster.crash_node(&leader_name).unwrap();
     cluster.start_node(&leader_name).unwrap();
     let leader = connect_direct(&info.leader, &db).await;
-    let before: i64 = leader
-        .query_one("SELECT count(*) FROM ledger", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let before = ledger_rows(&leader).await;
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader
-            .query_one("SELECT count(*) FROM ledger", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = ledger_rows(&leader).await;
         n > before + 200
     })
     .await;
@@ -539,28 +516,16 @@ async fn a_follower_bootstrapped_while_writes_run_converges() {
     let writer = tokio::spawn(load(leader_addr, db.clone(), stop_rx));
     let leader = connect_direct(&info.leader, &db).await;
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader
-            .query_one("SELECT count(*) FROM ledger", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = ledger_rows(&leader).await;
         n > 600
     })
     .await;
     let (_addr, _) = start_proxy_with_metrics(row_config(info, &db, "")).await;
     wait_bootstrapped(info, &db).await;
     // Keep writing after the copy, then stop and compare.
-    let at_copy: i64 = leader
-        .query_one("SELECT count(*) FROM ledger", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let at_copy = ledger_rows(&leader).await;
     common::wait_until(Duration::from_secs(30), || async {
-        let n: i64 = leader
-            .query_one("SELECT count(*) FROM ledger", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = ledger_rows(&leader).await;
         n > at_copy + 200
     })
     .await;

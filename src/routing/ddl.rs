@@ -501,29 +501,16 @@ impl<'a> Toks<'a> {
     }
 
     /// After ALTER.
-    fn alter(&self, mut i: usize) -> Ddl {
-        if self.is(i, "procedural") {
-            i += 1;
-        }
-        let Some((object, next)) = self.object(i) else {
-            return Ddl::Local;
-        };
-        if object.scope == Scope::Elsewhere {
-            return Ddl::Local;
-        }
-        let mut relations = Vec::new();
-        if RELATIONS.contains(&object.tag) {
-            self.relation_at(next, &mut relations);
-        }
-        self.replicated(
-            format!("ALTER {}", object.tag),
-            relations,
-            object.tag == "SCHEMA",
-        )
+    fn alter(&self, i: usize) -> Ddl {
+        self.alter_or_drop(i, "ALTER")
     }
 
-    /// After DROP.
-    fn drop(&self, mut i: usize) -> Ddl {
+    /// After DROP (which may name several relations).
+    fn drop(&self, i: usize) -> Ddl {
+        self.alter_or_drop(i, "DROP")
+    }
+
+    fn alter_or_drop(&self, mut i: usize, verb: &str) -> Ddl {
         if self.is(i, "procedural") {
             i += 1;
         }
@@ -535,10 +522,14 @@ impl<'a> Toks<'a> {
         }
         let mut relations = Vec::new();
         if RELATIONS.contains(&object.tag) {
-            self.relations_at(next, &mut relations);
+            if verb == "DROP" {
+                self.relations_at(next, &mut relations);
+            } else {
+                self.relation_at(next, &mut relations);
+            }
         }
         self.replicated(
-            format!("DROP {}", object.tag),
+            format!("{verb} {}", object.tag),
             relations,
             object.tag == "SCHEMA",
         )

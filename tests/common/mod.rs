@@ -39,13 +39,7 @@ static INFO: OnceLock<ClusterInfo> = OnceLock::new();
 /// The binary's shared cluster, started on first use.
 pub fn cluster() -> &'static ClusterInfo {
     INFO.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-            )
-            .with_test_writer()
-            .try_init();
+        init_tracing();
         let c = start_cluster(2, "shared");
         let info = ClusterInfo {
             leader: c.leader().clone(),
@@ -56,6 +50,17 @@ pub fn cluster() -> &'static ClusterInfo {
         cluster::stop_at_exit(&CLUSTER);
         info
     })
+}
+
+/// Logs of pgrelay running in the test binary, at `RUST_LOG` (default: warnings).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 /// Runs `f` on the shared cluster (to stop or start a node).

@@ -53,13 +53,7 @@ pub fn start_row_cluster(followers: usize, prefix: &str) -> LocalCluster {
 /// The binary's shared row-mode cluster, started on first use.
 pub fn row_cluster() -> &'static ClusterInfo {
     ROW_INFO.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-            )
-            .with_test_writer()
-            .try_init();
+        super::init_tracing();
         let c = start_row_cluster(2, "row");
         let info = ClusterInfo {
             leader: c.leader().clone(),

@@ -68,16 +68,7 @@ impl Bootstrap<'_> {
             .await
             .map_err(|e| RowError::Follower(format!("preparing the bootstrap: {}", e.message)))?;
         self.copy_schema().await?;
-        let mut leader = connect_own(
-            self.config,
-            self.config.leader,
-            self.database,
-            "pgrelay bootstrap",
-            false,
-        )
-        .await
-        .map_err(RowError::Leader)?;
-        import_snapshot(&mut leader, self.snapshot).await?;
+        let mut leader = self.in_snapshot().await?;
         let jobs = list_tables(&mut leader).await?;
         let total: u64 = jobs.iter().map(|j| j.estimate).sum();
         info!(follower = %self.follower_name, database = %self.database, tables = jobs.len(), estimated_rows = total, "copying tables");
@@ -89,19 +80,7 @@ impl Bootstrap<'_> {
         for w in 0..self.config.replication.bootstrap_workers {
             let leader = match first.take() {
                 Some(l) => l,
-                None => {
-                    let mut l = connect_own(
-                        self.config,
-                        self.config.leader,
-                        self.database,
-                        "pgrelay bootstrap",
-                        false,
-                    )
-                    .await
-                    .map_err(RowError::Leader)?;
-                    import_snapshot(&mut l, self.snapshot).await?;
-                    l
-                }
+                None => self.in_snapshot().await?,
             };
             let follower = connect_own(
                 self.config,
@@ -127,6 +106,21 @@ impl Bootstrap<'_> {
         self.copy_sequences_and_views(follower_conn).await?;
         info!(follower = %self.follower_name, database = %self.database, rows, elapsed = ?started.elapsed(), "tables copied");
         Ok(rows)
+    }
+
+    /// A connection to the leader database whose transaction sees the slot's snapshot.
+    async fn in_snapshot(&self) -> Result<BackendConn, RowError> {
+        let mut leader = connect_own(
+            self.config,
+            self.config.leader,
+            self.database,
+            "pgrelay bootstrap",
+            false,
+        )
+        .await
+        .map_err(RowError::Leader)?;
+        import_snapshot(&mut leader, self.snapshot).await?;
+        Ok(leader)
     }
 
     /// `pg_dump --schema-only` of the leader database in the snapshot, restored on the follower
@@ -209,16 +203,7 @@ impl Bootstrap<'_> {
 
     /// Sequence values and populated materialized views, as of the snapshot.
     async fn copy_sequences_and_views(&self, follower: &mut BackendConn) -> Result<(), RowError> {
-        let mut leader = connect_own(
-            self.config,
-            self.config.leader,
-            self.database,
-            "pgrelay bootstrap",
-            false,
-        )
-        .await
-        .map_err(RowError::Leader)?;
-        import_snapshot(&mut leader, self.snapshot).await?;
+        let mut leader = self.in_snapshot().await?;
         let sequences = leader
             .query(
                 "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename), last_value, \
