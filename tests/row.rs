@@ -858,3 +858,96 @@ async fn pgbench_initialized_and_run_through_pgrelay_converges() {
     );
     assert_converged(info, &info.followers, &db, CONVERGE).await;
 }
+
+/// What row mode needs on the leader is checked first, and each missing piece is named with what
+/// to change: wal_level, a superuser, a free replication slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_row_mode_cannot_use_is_refused_with_what_to_change() {
+    use pgrelay::replication::row::{setup, stream::ReplicationStream, RowError};
+
+    // A leader without logical decoding, and one with a single replication slot.
+    let mut plain = common::row::start_row_cluster(0, "rowplain");
+    let mut narrow = common::row::start_row_cluster(0, "rownarrow");
+    plain
+        .set_setting(&plain.leader().name.clone(), "wal_level", "replica")
+        .unwrap();
+    narrow
+        .set_setting(&narrow.leader().name.clone(), "max_replication_slots", "1")
+        .unwrap();
+    for c in [&mut plain, &mut narrow] {
+        let name = c.leader().name.clone();
+        c.stop_node(&name).unwrap();
+        c.start_node(&name).unwrap();
+    }
+    let info = |c: &cluster::LocalCluster| ClusterInfo {
+        leader: c.leader().clone(),
+        followers: Vec::new(),
+        bin_dir: c.bin_dir().to_path_buf(),
+    };
+    let config = |c: &cluster::LocalCluster, user: &str| {
+        let mut text = row_config(&info(c), "postgres", "");
+        text = text.replace(
+            &format!("user = \"{}\"", common::SUPERUSER),
+            &format!("user = \"{user}\""),
+        );
+        text.push_str("
+[[users]]
+name = \"weak\"
+password = \"weak-pw\"
+");
+        pgrelay::config::Config::parse(&text).unwrap()
+    };
+
+    let cfg = config(&plain, common::SUPERUSER);
+    let mut conn = pgrelay::backend::connect_own(&cfg, 0, "postgres", "test", false)
+        .await
+        .unwrap();
+    match setup::prepare_leader(&mut conn, "postgres").await {
+        Err(RowError::Setup(m)) => assert!(
+            m.contains("wal_level = replica") && m.contains("wal_level = logical"),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    connect_direct(narrow.leader(), "postgres")
+        .await
+        .batch_execute("CREATE ROLE weak LOGIN PASSWORD 'weak-pw'")
+        .await
+        .unwrap();
+    let cfg = config(&narrow, "weak");
+    let mut conn = pgrelay::backend::connect_own(&cfg, 0, "postgres", "test", false)
+        .await
+        .unwrap();
+    match setup::prepare_leader(&mut conn, "postgres").await {
+        Err(RowError::Setup(m)) => assert!(m.contains("is not a superuser"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+
+    let cfg = config(&narrow, common::SUPERUSER);
+    let mut conn = pgrelay::backend::connect_own(&cfg, 0, "postgres", "test", false)
+        .await
+        .unwrap();
+    setup::prepare_leader(&mut conn, "postgres").await.unwrap();
+    // Idempotent: the publication exists now.
+    setup::prepare_leader(&mut conn, "postgres").await.unwrap();
+    let mut first = ReplicationStream::new(
+        pgrelay::backend::connect_own(&cfg, 0, "postgres", "test", true)
+            .await
+            .unwrap(),
+    );
+    first.create_slot("pgrelay_one").await.unwrap();
+    let mut second = ReplicationStream::new(
+        pgrelay::backend::connect_own(&cfg, 0, "postgres", "test", true)
+            .await
+            .unwrap(),
+    );
+    match second.create_slot("pgrelay_two").await {
+        Err(RowError::Setup(m)) => assert!(m.contains("raise max_replication_slots"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    first.close().await;
+    second.close().await;
+    plain.shutdown();
+    narrow.shutdown();
+}
