@@ -352,6 +352,26 @@ impl BackendConn {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
+    /// The next whole message if it is buffered or the socket already holds it: reads what
+    /// the kernel has without waiting.
+    pub fn try_frame_now(&mut self) -> io::Result<Option<Frame>> {
+        if let Some(frame) = self.try_frame()? {
+            return Ok(Some(frame));
+        }
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(64 * 1024);
+        }
+        match self.stream.try_read_buf(&mut self.rbuf) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the node closed the connection",
+            )),
+            Ok(_) => self.try_frame(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends everything queued in `wbuf`.
     pub async fn flush(&mut self) -> io::Result<()> {
         self.stream.write_all_buf(&mut self.wbuf).await

@@ -141,9 +141,9 @@ impl ReplicationStream {
         self.event(frame)
     }
 
-    /// The next event if it is already buffered, without I/O.
+    /// The next event if it has arrived already, without waiting.
     pub fn try_next(&mut self) -> Result<Option<Event>, RowError> {
-        match self.conn.try_frame().map_err(leader_io)? {
+        match self.conn.try_frame_now().map_err(leader_io)? {
             Some(frame) => self.event(frame).map(Some),
             None => Ok(None),
         }
