@@ -890,11 +890,13 @@ async fn a_leader_row_mode_cannot_use_is_refused_with_what_to_change() {
             &format!("user = \"{}\"", common::SUPERUSER),
             &format!("user = \"{user}\""),
         );
-        text.push_str("
+        text.push_str(
+            "
 [[users]]
 name = \"weak\"
 password = \"weak-pw\"
-");
+",
+        );
         pgrelay::config::Config::parse(&text).unwrap()
     };
 

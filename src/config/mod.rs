@@ -535,6 +535,13 @@ impl TryFrom<RawConfig> for Config {
                 .filter(|p| !p.is_empty())
                 .map(std::path::PathBuf::from),
         };
+        if replication.mode == ReplicationMode::Statement {
+            // Running it as physical mode would leave writable followers unreplicated.
+            return Err(invalid(
+                "replication.mode = \"statement\" is not available yet; use \"row\" (pgrelay \
+                 replicates to writable followers) or \"physical\" (streaming standbys)",
+            ));
+        }
         if replication.bootstrap_workers == 0 {
             return Err(invalid("replication.bootstrap_workers must be at least 1"));
         }
@@ -659,6 +666,15 @@ password = "secret"
     fn bad_values_are_explained() {
         for (extra, needle) in [
             ("[replication]\nmode = \"logical\"\n", "replication.mode"),
+            (
+                "[replication]\nmode = \"statement\"\n",
+                "\"statement\" is not available yet",
+            ),
+            (
+                "[replication]\nbootstrap_workers = 0\n",
+                "bootstrap_workers must be at least 1",
+            ),
+            ("[replication]\ndatabases = [\"\"]\n", "empty name"),
             (
                 "[routing]\nconsistency = \"strong\"\n",
                 "routing.consistency",
