@@ -181,6 +181,16 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
             Some(1.0)
         );
     }
+    // At rest the followers are at the leader's position: lag reads 0, as in physical mode.
+    common::wait_until(Duration::from_secs(30), || async {
+        let text = scrape(metrics).await;
+        info.followers.iter().all(|f| {
+            let l = format!("follower=\"{}\"", f.name);
+            metric(&text, &format!("pgrelay_replication_lag_bytes{{{l}}}")) == Some(0.0)
+                && metric(&text, &format!("pgrelay_replication_lag_seconds{{{l}}}")) == Some(0.0)
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
