@@ -169,10 +169,6 @@ impl Applier {
         self.open && !self.in_leader_tx
     }
 
-    pub fn in_leader_transaction(&self) -> bool {
-        self.in_leader_tx
-    }
-
     /// The group has grown enough to commit even if more transactions are waiting.
     pub fn group_full(&self) -> bool {
         self.group_transactions >= GROUP_TRANSACTIONS

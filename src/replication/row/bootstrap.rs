@@ -75,8 +75,8 @@ impl Bootstrap<'_> {
         let queue = Arc::new(std::sync::Mutex::new(jobs));
         let copied = Arc::new(AtomicU64::new(0));
         let mut workers = tokio::task::JoinSet::new();
-        let first = Some(leader);
-        let mut first = first;
+        // The connection that listed the tables is the first worker's.
+        let mut first = Some(leader);
         for w in 0..self.config.replication.bootstrap_workers {
             let leader = match first.take() {
                 Some(l) => l,
