@@ -445,6 +445,17 @@ async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
         added == acked || added == acked + 1,
         "added {added}, acknowledged {acked}"
     );
+    // The restarted pgrelay resumed each follower from its recorded position: it copied nothing.
+    let text = scrape(proxy.metrics).await;
+    for f in &info.followers {
+        let l = format!("follower=\"{}\"", f.name);
+        assert_eq!(
+            metric(&text, &format!("pgrelay_bootstrap_rows_total{{{l}}}")),
+            Some(0.0),
+            "{text}"
+        );
+        assert!(metric(&text, &format!("pgrelay_apply_transactions_total{{{l}}}")).unwrap() > 0.0);
+    }
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
