@@ -169,12 +169,17 @@ impl Positions {
         self.changed.subscribe()
     }
 
-    /// How many followers have applied `position`.
-    pub fn applied_count(&self, position: Position) -> usize {
+    /// How many followers have applied `position` in `database` (a row-mode follower counts
+    /// only for the databases it has copied).
+    pub fn applied_count(&self, position: Position, database: &str) -> usize {
         self.followers
             .iter()
-            .flatten()
-            .filter(|tx| tx.borrow().has_applied(position))
+            .enumerate()
+            .filter(|(node, tx)| {
+                tx.as_ref()
+                    .is_some_and(|tx| tx.borrow().has_applied(position))
+                    && self.serves(*node, database)
+            })
             .count()
     }
 
@@ -227,14 +232,36 @@ mod tests {
         assert_eq!(parse_lsn("100000000/0"), None);
     }
 
+    #[test]
+    fn a_follower_counts_only_for_the_databases_it_serves() {
+        let p = Positions::new(3, &[1, 2]);
+        for node in [1, 2] {
+            p.publish(
+                node,
+                FollowerState {
+                    up: true,
+                    applied: Some(50),
+                    ..FollowerState::default()
+                },
+            );
+        }
+        // Node 1 is a row-mode follower that has copied only "app"; node 2 a standby.
+        p.set_databases(1, Some(HashSet::from(["app".to_owned()])));
+        assert!(p.serves(1, "app") && !p.serves(1, "other"));
+        assert!(p.serves(2, "other"));
+        assert_eq!(p.applied_count(40, "app"), 2);
+        assert_eq!(p.applied_count(40, "other"), 1);
+        assert_eq!(p.applied_count(60, "app"), 0);
+    }
+
     #[tokio::test]
     async fn waiters_wake_when_a_follower_catches_up() {
         let p = std::sync::Arc::new(Positions::new(3, &[1, 2]));
-        assert_eq!(p.applied_count(10), 0);
+        assert_eq!(p.applied_count(10, "db"), 0);
         let waiter = {
             let p = p.clone();
             tokio::spawn(async move {
-                p.wait_until(Duration::from_secs(10), |p| p.applied_count(10) >= 1)
+                p.wait_until(Duration::from_secs(10), |p| p.applied_count(10, "db") >= 1)
                     .await
             })
         };
@@ -248,7 +275,8 @@ mod tests {
         );
         assert!(waiter.await.unwrap());
         assert!(
-            !p.wait_until(Duration::from_millis(10), |p| p.applied_count(10) >= 2)
+            !p.wait_until(Duration::from_millis(10), |p| p.applied_count(10, "db")
+                >= 2)
                 .await
         );
         assert_eq!(p.up_count(), 1);

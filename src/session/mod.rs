@@ -476,13 +476,16 @@ impl Session {
         let wait = self.ack_wait;
         let policy = self.config.replication.ack;
         let timeout = self.config.replication.ack_timeout;
+        let database = self.database.clone();
         async move {
             let Some(wait) = wait else {
                 return std::future::pending().await;
             };
             let remaining = timeout.saturating_sub(wait.started.elapsed());
             positions
-                .wait_until(remaining, |p| ack_satisfied(p, policy, wait.position))
+                .wait_until(remaining, |p| {
+                    ack_satisfied(p, policy, wait.position, &database)
+                })
                 .await
         }
     }
@@ -544,11 +547,11 @@ async fn next_backend_frame(backends: &mut [Option<Backend>]) -> (usize, std::io
 }
 
 /// Whether enough followers applied `position` for the acknowledgement policy.
-fn ack_satisfied(p: &Positions, policy: Ack, position: Position) -> bool {
+fn ack_satisfied(p: &Positions, policy: Ack, position: Position, database: &str) -> bool {
     match policy {
         Ack::Async => true,
-        Ack::Quorum(k) => p.applied_count(position) >= k,
+        Ack::Quorum(k) => p.applied_count(position, database) >= k,
         // Every follower that is up; with none up, nothing can confirm and the wait times out.
-        Ack::All => p.applied_count(position) >= p.up_count().max(1),
+        Ack::All => p.applied_count(position, database) >= p.up_count().max(1),
     }
 }

@@ -235,7 +235,10 @@ impl Session {
             return;
         }
         self.shared.metrics.ack_timeouts.increment(1);
-        let applied = self.shared.positions.applied_count(wait.position);
+        let applied = self
+            .shared
+            .positions
+            .applied_count(wait.position, &self.database);
         let wanted = match self.config.replication.ack {
             Ack::Quorum(k) => k.to_string(),
             _ => "every".to_owned(),
