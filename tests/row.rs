@@ -48,11 +48,33 @@ const SCHEMA: &str = "
     INSERT INTO parted VALUES (1, 'eu', 1), (2, 'us', 2);
     INSERT INTO gen (id, x) VALUES (1, 10);
     CREATE MATERIALIZED VIEW rich AS SELECT id FROM accounts WHERE balance > 500;
+    CREATE TABLE parent (id int PRIMARY KEY);
+    CREATE TABLE child (id int PRIMARY KEY, parent int NOT NULL REFERENCES parent, pad text);
+    INSERT INTO parent SELECT generate_series(1, 10);
+    INSERT INTO child SELECT g, g % 10 + 1, repeat('p', 200) FROM generate_series(1, 3000) g;
+    CREATE TABLE audit (id bigserial PRIMARY KEY, account int, at timestamptz DEFAULT now());
+    CREATE FUNCTION audit_balance() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO audit (account) VALUES (NEW.id); RETURN NEW; END $$;
+    CREATE TRIGGER accounts_audit AFTER UPDATE OF note ON accounts
+        FOR EACH ROW EXECUTE FUNCTION audit_balance();
+    CREATE TABLE days (d date PRIMARY KEY, at timestamptz, span interval, ratio float8);
+    INSERT INTO days VALUES ('2020-01-02', '2020-01-02 03:04:05+06', '1 day 02:03:04', 0.1);
 ";
 
 async fn setup(prefix: &str) -> (&'static ClusterInfo, String) {
     let info = row_cluster();
     let db = leader_database(&info.leader, prefix).await;
+    // The leader's sessions print dates day first and in another time zone: the values must
+    // still read back the same on the followers.
+    connect_direct(&info.leader, "postgres")
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET datestyle = 'SQL, DMY'; \
+             ALTER DATABASE {db} SET timezone = 'Asia/Kolkata'; \
+             ALTER DATABASE {db} SET intervalstyle = 'sql_standard'"
+        ))
+        .await
+        .unwrap();
     connect_direct(&info.leader, &db)
         .await
         .batch_execute(SCHEMA)
@@ -103,6 +125,11 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
         "INSERT INTO parted VALUES (3, 'eu', 3)",
         "UPDATE gen SET x = 21 WHERE id = 1",
         "UPDATE accounts SET note = NULL WHERE id = 7",
+        "UPDATE accounts SET note = 'audited' WHERE id BETWEEN 10 AND 14",
+        "INSERT INTO days VALUES ('2021-03-04', '2021-03-04 05:06:07+00', '-3 days', 1e-10)",
+        "UPDATE days SET ratio = ratio * 3 WHERE d = '2020-01-02'",
+        "DELETE FROM child WHERE id <= 100",
+        "INSERT INTO child VALUES (5000, 3, 'x')",
         "BEGIN; INSERT INTO accounts VALUES (5000, 1, 'rolled back', 'sad'); ROLLBACK",
         "BEGIN; INSERT INTO accounts VALUES (5001, 1, 'kept', 'sad'); SAVEPOINT s; \
          INSERT INTO accounts VALUES (5002, 1, 'undone', 'sad'); ROLLBACK TO s; COMMIT",
@@ -673,8 +700,10 @@ async fn a_transaction_sent_again_is_not_applied_twice() {
     connect_direct(follower, &db)
         .await
         .batch_execute(&format!(
-            "{}; CREATE TABLE public.ledger (account int, amount bigint)",
-            setup::APPLIED_TABLE_SQL
+            "{}; {}; INSERT INTO pgrelay.applied (source, position) VALUES ('src', '0/100'); \
+             CREATE TABLE public.ledger (account int, amount bigint)",
+            setup::APPLIED_TABLE_SQL,
+            setup::ADVANCE_FUNCTION_SQL
         ))
         .await
         .unwrap();

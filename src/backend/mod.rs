@@ -18,6 +18,19 @@ pub async fn connect_own(
     application_name: &str,
     replication: bool,
 ) -> Result<BackendConn, String> {
+    connect_own_with(config, node, database, application_name, replication, "").await
+}
+
+/// Like [`connect_own`], with session settings for the node (`-c name=value ...`, the
+/// startup packet's `options`).
+pub async fn connect_own_with(
+    config: &Config,
+    node: usize,
+    database: &str,
+    application_name: &str,
+    replication: bool,
+    options: &str,
+) -> Result<BackendConn, String> {
     let cfg = config.nodes.get(node).ok_or("no such node")?;
     let user = config.replication.user.as_str();
     let password = config
@@ -30,6 +43,9 @@ pub async fn connect_own(
     ];
     if replication {
         params.push(("replication".to_owned(), "database".to_owned()));
+    }
+    if !options.is_empty() {
+        params.push(("options".to_owned(), options.to_owned()));
     }
     BackendConn::connect(
         node,

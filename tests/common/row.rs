@@ -137,6 +137,14 @@ pub async fn digests(
     tables: &[String],
 ) -> BTreeMap<String, (i64, String)> {
     let client = connect_direct(node, db).await;
+    // Text forms that do not depend on the database's own settings.
+    client
+        .batch_execute(
+            "SET datestyle = ISO; SET timezone = UTC; SET intervalstyle = postgres; \
+             SET extra_float_digits = 3",
+        )
+        .await
+        .unwrap();
     let mut out = BTreeMap::new();
     for t in tables {
         let row = client

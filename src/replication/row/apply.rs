@@ -23,7 +23,7 @@ use crate::protocol::pgoutput::{
 
 use super::super::positions::{format_lsn, Position};
 use super::relations::{describe_sql, FollowerColumn, Table};
-use super::setup::record_applied_sql;
+use super::setup::advance_sql;
 use super::RowError;
 
 mod ddl;
@@ -68,6 +68,8 @@ pub struct Applier {
     conn: BackendConn,
     follower: String,
     record_sql: String,
+    /// The position the last group sent records (`pgrelay.advance` starts the next from it).
+    recorded: Position,
     metrics: Option<Arc<FollowerMetrics>>,
     /// Leader relations as the stream described them, by relation id.
     relations: HashMap<u32, crate::protocol::pgoutput::Relation>,
@@ -136,7 +138,8 @@ impl Applier {
         Applier {
             conn,
             follower: follower.to_owned(),
-            record_sql: record_applied_sql(source),
+            record_sql: advance_sql(source),
+            recorded: applied,
             metrics,
             relations: HashMap::new(),
             tables: HashMap::new(),
@@ -242,6 +245,11 @@ impl Applier {
             self.conn.flush().await.map_err(follower_io)?;
             while self.checks.len() >= OUTSTANDING_REPLIES / 2 {
                 self.read_reply().await?;
+                if self.failure.is_some() {
+                    // The follower skips everything up to a Sync: send one to hear the end.
+                    self.queue_sync(None);
+                    self.wait_all().await?;
+                }
             }
         }
         if self.conn.wbuf.len() >= 64 * 1024 {
@@ -268,7 +276,7 @@ impl Applier {
                 &mut self.conn.wbuf,
                 "pgrelay_record",
                 &self.record_sql,
-                &[0],
+                &[0, 0],
             );
             self.prepared_fixed = true;
         }
@@ -296,10 +304,12 @@ impl Applier {
     }
 
     fn record(&mut self, end: Position) {
-        let lsn = format_lsn(end);
+        let from = format_lsn(self.recorded);
+        let to = format_lsn(end);
+        self.recorded = end;
         self.run(
             "pgrelay_record",
-            &[Some(lsn.as_bytes())],
+            &[Some(from.as_bytes()), Some(to.as_bytes())],
             Check {
                 op: Op::Other,
                 relation: 0,

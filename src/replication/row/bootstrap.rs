@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio::process::Command;
 use tracing::info;
 
-use crate::backend::{connect_own, BackendConn};
+use crate::backend::{connect_own_with, BackendConn};
 use crate::config::Config;
 use crate::metrics::FollowerMetrics;
 use crate::protocol::backend::{self as be, tag};
@@ -82,12 +82,13 @@ impl Bootstrap<'_> {
                 Some(l) => l,
                 None => self.in_snapshot().await?,
             };
-            let follower = connect_own(
+            let follower = connect_own_with(
                 self.config,
                 self.follower,
                 self.database,
                 "pgrelay bootstrap",
                 false,
+                super::FOLLOWER_OPTIONS,
             )
             .await
             .map_err(RowError::Follower)?;
@@ -110,12 +111,13 @@ impl Bootstrap<'_> {
 
     /// A connection to the leader database whose transaction sees the slot's snapshot.
     async fn in_snapshot(&self) -> Result<BackendConn, RowError> {
-        let mut leader = connect_own(
+        let mut leader = connect_own_with(
             self.config,
             self.config.leader,
             self.database,
             "pgrelay bootstrap",
             false,
+            super::LEADER_OPTIONS,
         )
         .await
         .map_err(RowError::Leader)?;

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::backend::{connect_own, BackendConn};
+use crate::backend::{connect_own, connect_own_with, BackendConn};
 use crate::config::Config;
 use crate::metrics::{FollowerMetrics, Metrics};
 
@@ -72,6 +72,17 @@ impl RowError {
         )
     }
 }
+
+/// Settings of the connections that read the leader's rows (the stream, the bootstrap's COPY):
+/// text forms that read back the same on any server, as Postgres's own subscriber does.
+pub(crate) const LEADER_OPTIONS: &str =
+    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c TimeZone=UTC";
+/// Settings of the connections that write on the follower: the same text forms; triggers and
+/// foreign keys do not fire (the leader ran them already; its effects arrive as rows), and a
+/// commit is on disk before its position is reported to the leader.
+pub(crate) const FOLLOWER_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres \
+     -c extra_float_digits=3 -c TimeZone=UTC -c session_replication_role=replica \
+     -c synchronous_commit=on";
 
 /// How often the leader's database list is read again when `replication.databases` is empty.
 const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
@@ -210,7 +221,16 @@ async fn follower_database(
     recreate: bool,
 ) -> Result<BackendConn, RowError> {
     if !recreate {
-        match connect_own(config, node, database, "pgrelay applier", false).await {
+        match connect_own_with(
+            config,
+            node,
+            database,
+            "pgrelay applier",
+            false,
+            FOLLOWER_OPTIONS,
+        )
+        .await
+        {
             Ok(c) => return Ok(c),
             Err(e) if e.contains("does not exist") => {}
             Err(e) => return Err(RowError::Follower(e)),
@@ -259,9 +279,16 @@ async fn follower_database(
             )))
         }
     }
-    connect_own(config, node, database, "pgrelay applier", false)
-        .await
-        .map_err(RowError::Follower)
+    connect_own_with(
+        config,
+        node,
+        database,
+        "pgrelay applier",
+        false,
+        FOLLOWER_OPTIONS,
+    )
+    .await
+    .map_err(RowError::Follower)
 }
 
 /// One attempt: set up, bootstrap or resume, then stream and apply until something fails.
@@ -290,9 +317,16 @@ async fn replicate(
         follower_conn = follower_database(config, node, database, &mut leader, true).await?;
         state = FollowerDb::Empty;
     }
-    let repl = connect_own(config, config.leader, database, "pgrelay row stream", true)
-        .await
-        .map_err(RowError::Leader)?;
+    let repl = connect_own_with(
+        config,
+        config.leader,
+        database,
+        "pgrelay row stream",
+        true,
+        LEADER_OPTIONS,
+    )
+    .await
+    .map_err(RowError::Leader)?;
     let mut stream = ReplicationStream::new(repl);
     let start = match state {
         FollowerDb::Applied(position) => {
@@ -313,6 +347,12 @@ async fn replicate(
                     )))
                 }
             }
+            follower_conn
+                .query(setup::ADVANCE_FUNCTION_SQL)
+                .await
+                .map_err(|e| {
+                    RowError::Follower(format!("creating pgrelay.advance: {}", e.message))
+                })?;
             info!(follower, database, position = %format_lsn(position), "resuming");
             position
         }
@@ -322,9 +362,15 @@ async fn replicate(
             }
             let created = stream.create_slot(&slot).await?;
             info!(follower, database, consistent_point = %format_lsn(created.consistent_point), "bootstrapping from a snapshot");
-            follower_conn.query(APPLIED_TABLE_SQL).await.map_err(|e| {
-                RowError::Follower(format!("creating pgrelay.applied: {}", e.message))
-            })?;
+            follower_conn
+                .query(&format!(
+                    "{APPLIED_TABLE_SQL}; {}",
+                    setup::ADVANCE_FUNCTION_SQL
+                ))
+                .await
+                .map_err(|e| {
+                    RowError::Follower(format!("creating pgrelay.applied: {}", e.message))
+                })?;
             let work_dir = std::env::temp_dir();
             let boot = bootstrap::Bootstrap {
                 config,

@@ -171,11 +171,25 @@ pub const APPLIED_TABLE_SQL: &str = "CREATE SCHEMA IF NOT EXISTS pgrelay; \
         position pg_lsn, \
         updated_at timestamptz NOT NULL DEFAULT now())";
 
-/// Upserts the applied position of `source` (parameter $1: the position as an LSN).
-pub fn record_applied_sql(source: &str) -> String {
+/// `pgrelay.advance(source, from, to)` moves the recorded position of `source` from `from` to
+/// `to`, and fails the transaction when it is not at `from`: a group of changes commits only
+/// right after the group before it (not after a group whose COMMIT failed, nor together with a
+/// connection of an earlier attempt that is still finishing).
+pub const ADVANCE_FUNCTION_SQL: &str = "CREATE OR REPLACE FUNCTION pgrelay.advance(\
+        p_source text, p_from pg_lsn, p_to pg_lsn) RETURNS void LANGUAGE plpgsql AS $advance$ \
+     BEGIN \
+        UPDATE pgrelay.applied SET position = p_to, updated_at = now() \
+         WHERE source = p_source AND position = p_from; \
+        IF NOT FOUND THEN \
+            RAISE EXCEPTION 'pgrelay.applied for % is not at % (another applier moved it?)', \
+                p_source, p_from USING ERRCODE = 'serialization_failure'; \
+        END IF; \
+     END $advance$";
+
+/// Advances the position of `source` (parameters: from, to, as LSNs).
+pub fn advance_sql(source: &str) -> String {
     format!(
-        "INSERT INTO pgrelay.applied (source, position, updated_at) VALUES ({}, $1::pg_lsn, now()) \
-         ON CONFLICT (source) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
+        "SELECT pgrelay.advance({}, $1::pg_lsn, $2::pg_lsn)",
         literal(source)
     )
 }

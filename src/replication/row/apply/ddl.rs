@@ -86,13 +86,15 @@ impl Applier {
         self.conn.query(&reset(false)).await.map_err(&fail)?;
         // One past the message, so that a restart does not run it again.
         let next = at + 1;
+        let record = self
+            .record_sql
+            .replace("$1", &literal(&format_lsn(self.recorded)))
+            .replace("$2", &literal(&format_lsn(next)));
         self.conn
-            .query(&format!(
-                "BEGIN; {}; COMMIT",
-                self.record_sql.replace("$1", &literal(&format_lsn(next)))
-            ))
+            .query(&format!("BEGIN; {record}; COMMIT"))
             .await
             .map_err(&fail)?;
+        self.recorded = next;
         self.applied = self.applied.max(next);
         Ok(())
     }

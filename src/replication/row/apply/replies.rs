@@ -46,8 +46,11 @@ impl Applier {
         match frame.tag() {
             tag::COMMAND_COMPLETE => {
                 let check = self.checks.pop_front();
-                if let Some(sync) = self.syncs.front_mut() {
-                    sync.checks = sync.checks.saturating_sub(1);
+                // Replies come in order: the oldest Sync's first, then those of statements no
+                // Sync follows yet.
+                match self.syncs.front_mut() {
+                    Some(sync) => sync.checks = sync.checks.saturating_sub(1),
+                    None => self.unsynced = self.unsynced.saturating_sub(1),
                 }
                 if self.failure.is_some() {
                     return Ok(());
