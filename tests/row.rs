@@ -1003,3 +1003,54 @@ password = \"weak-pw\"
     plain.shutdown();
     narrow.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_missing_a_row_stops_until_someone_fixes_it() {
+    let (info, db) = setup("diverged").await;
+    let (addr, metrics) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    wait_bootstrapped(info, &db).await;
+    let broken = &info.followers[0];
+    let healthy = &info.followers[1];
+    // Someone deletes a row on the follower by hand; then the leader updates it.
+    let on_broken = connect_direct(broken, &db).await;
+    on_broken
+        .batch_execute("DELETE FROM accounts WHERE id = 42")
+        .await
+        .unwrap();
+    let client = connect_proxy(addr, &db).await;
+    client
+        .batch_execute("UPDATE accounts SET balance = 7 WHERE id = 42")
+        .await
+        .unwrap();
+    common::wait_until(Duration::from_secs(30), || async {
+        on_broken
+            .query_opt(
+                "SELECT diverged FROM pgrelay.applied WHERE diverged LIKE '%accounts%is missing%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let up = format!("pgrelay_follower_up{{follower=\"{}\"}}", broken.name);
+    assert_eq!(metric(&scrape(metrics).await, &up), Some(0.0));
+    assert_converged(info, std::slice::from_ref(healthy), &db, CONVERGE).await;
+    // Fixed by hand: the row as the leader has it, and the mark cleared. It catches up.
+    on_broken
+        .batch_execute(
+            "INSERT INTO accounts SELECT 42, 7, 'n42', 'ok'; \
+             UPDATE pgrelay.applied SET diverged = NULL",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE accounts SET balance = 8 WHERE id = 42")
+        .await
+        .unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        metric(&scrape(metrics).await, &up) == Some(1.0)
+    })
+    .await;
+}

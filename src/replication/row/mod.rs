@@ -171,6 +171,10 @@ async fn database_task(
             Err(e) => e,
         };
         let text = err.to_string();
+        if let RowError::Diverged(why) = &err {
+            // Stays stopped across retries and restarts until someone looks.
+            mark_diverged(&config, node, &database, why).await;
+        }
         if err.is_apply_error() {
             if let Some(m) = &metrics {
                 m.apply_errors.increment(1);
@@ -209,6 +213,27 @@ async fn database_task(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Records on the follower that applying to `database` found it different from the leader.
+async fn mark_diverged(config: &Config, node: usize, database: &str, why: &str) {
+    let follower = config
+        .nodes
+        .get(node)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let source = setup::slot_name(&follower, database);
+    let marked = match connect_own(config, node, database, "pgrelay applier", false).await {
+        Ok(mut conn) => {
+            let r = conn.query(&setup::mark_diverged_sql(&source, why)).await;
+            conn.terminate().await;
+            r.map(|_| ()).map_err(|e| e.message)
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = marked {
+        warn!(follower, database, error = %e, "cannot record the divergence on the follower");
     }
 }
 
@@ -393,6 +418,13 @@ async fn replicate(
                     RowError::Follower(format!("finishing the bootstrap: {}", e.message))
                 })?;
             created.consistent_point
+        }
+        FollowerDb::Diverged(why) => {
+            return Err(RowError::Setup(format!(
+                "{why} (pgrelay stopped applying to this database; make the follower equal to \
+                 the leader and run UPDATE pgrelay.applied SET diverged = NULL, or drop the \
+                 database on the follower to have it copied again)"
+            )))
         }
         FollowerDb::Foreign { tables } => {
             return Err(RowError::Setup(format!(

@@ -163,13 +163,26 @@ pub enum FollowerDb {
     Applied(u64),
     /// User tables that pgrelay did not put there.
     Foreign { tables: i64 },
+    /// Applying found the follower different from the leader; it stays stopped until someone
+    /// looks (the reason is in `pgrelay.applied.diverged`).
+    Diverged(String),
 }
 
 pub const APPLIED_TABLE_SQL: &str = "CREATE SCHEMA IF NOT EXISTS pgrelay; \
      CREATE TABLE IF NOT EXISTS pgrelay.applied ( \
         source text PRIMARY KEY, \
         position pg_lsn, \
-        updated_at timestamptz NOT NULL DEFAULT now())";
+        updated_at timestamptz NOT NULL DEFAULT now(), \
+        diverged text)";
+
+/// Marks `source` as diverged (parameter-free: the reason is quoted in).
+pub fn mark_diverged_sql(source: &str, why: &str) -> String {
+    format!(
+        "UPDATE pgrelay.applied SET diverged = {} WHERE source = {}",
+        literal(why),
+        literal(source)
+    )
+}
 
 /// `pgrelay.advance(source, from, to)` moves the recorded position of `source` from `from` to
 /// `to`, and fails the transaction when it is not at `from`: a group of changes commits only
@@ -209,24 +222,24 @@ pub async fn inspect_follower(
     if has_table.as_deref() == Some("t") {
         let rows = follower
             .query(&format!(
-                "SELECT position::text FROM pgrelay.applied WHERE source = {}",
+                "ALTER TABLE pgrelay.applied ADD COLUMN IF NOT EXISTS diverged text; \
+                 SELECT position::text, diverged FROM pgrelay.applied WHERE source = {}",
                 literal(source)
             ))
             .await
             .map_err(fail)?;
         if let Some(row) = rows.into_iter().next() {
-            return Ok(
-                match row
-                    .into_iter()
-                    .next()
-                    .flatten()
-                    .as_deref()
-                    .and_then(super::super::positions::parse_lsn)
-                {
-                    Some(p) => FollowerDb::Applied(p),
-                    None => FollowerDb::PartialBootstrap,
-                },
-            );
+            let mut row = row.into_iter();
+            let position = row
+                .next()
+                .flatten()
+                .as_deref()
+                .and_then(super::super::positions::parse_lsn);
+            return Ok(match (position, row.next().flatten()) {
+                (_, Some(why)) => FollowerDb::Diverged(why),
+                (Some(p), None) => FollowerDb::Applied(p),
+                (None, None) => FollowerDb::PartialBootstrap,
+            });
         }
     }
     let tables = follower
