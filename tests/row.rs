@@ -700,10 +700,9 @@ async fn a_transaction_sent_again_is_not_applied_twice() {
     connect_direct(follower, &db)
         .await
         .batch_execute(&format!(
-            "{}; {}; INSERT INTO pgrelay.applied (source, position) VALUES ('src', '0/100'); \
+            "{}; INSERT INTO pgrelay.applied (source, position) VALUES ('src', '0/100'); \
              CREATE TABLE public.ledger (account int, amount bigint)",
-            setup::APPLIED_TABLE_SQL,
-            setup::ADVANCE_FUNCTION_SQL
+            setup::APPLIED_TABLE_SQL
         ))
         .await
         .unwrap();
@@ -828,9 +827,9 @@ async fn ddl_through_pgrelay_in_the_middle_of_the_stream_reaches_the_followers()
     }
     client
         .batch_execute(
-            "CREATE TABLE audit (id bigserial PRIMARY KEY, what text NOT NULL); \
+            "CREATE TABLE notes (id bigserial PRIMARY KEY, what text NOT NULL); \
              CREATE FUNCTION audit_note(t text) RETURNS text LANGUAGE sql AS $$ SELECT 'note: ' || t $$; \
-             INSERT INTO audit (what) SELECT audit_note('x' || g) FROM generate_series(1, 50) g",
+             INSERT INTO notes (what) SELECT audit_note('x' || g) FROM generate_series(1, 50) g",
         )
         .await
         .unwrap();
@@ -850,7 +849,7 @@ async fn ddl_through_pgrelay_in_the_middle_of_the_stream_reaches_the_followers()
         let row = c
             .query_one(
                 "SELECT audit_note('y'), (SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_tier'), \
-                 (SELECT tableowner FROM pg_tables WHERE tablename = 'audit')",
+                 (SELECT tableowner FROM pg_tables WHERE tablename = 'notes')",
                 &[],
             )
             .await

@@ -49,6 +49,8 @@ enum Op {
     Update,
     Delete,
     Truncate,
+    /// Moving the recorded position.
+    Record,
     Other,
 }
 
@@ -311,7 +313,7 @@ impl Applier {
             "pgrelay_record",
             &[Some(from.as_bytes()), Some(to.as_bytes())],
             Check {
-                op: Op::Other,
+                op: Op::Record,
                 relation: 0,
             },
         );

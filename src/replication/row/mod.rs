@@ -372,12 +372,6 @@ async fn replicate(
                     )))
                 }
             }
-            follower_conn
-                .query(setup::ADVANCE_FUNCTION_SQL)
-                .await
-                .map_err(|e| {
-                    RowError::Follower(format!("creating pgrelay.advance: {}", e.message))
-                })?;
             info!(follower, database, position = %format_lsn(position), "resuming");
             position
         }
@@ -387,15 +381,9 @@ async fn replicate(
             }
             let created = stream.create_slot(&slot).await?;
             info!(follower, database, consistent_point = %format_lsn(created.consistent_point), "bootstrapping from a snapshot");
-            follower_conn
-                .query(&format!(
-                    "{APPLIED_TABLE_SQL}; {}",
-                    setup::ADVANCE_FUNCTION_SQL
-                ))
-                .await
-                .map_err(|e| {
-                    RowError::Follower(format!("creating pgrelay.applied: {}", e.message))
-                })?;
+            follower_conn.query(APPLIED_TABLE_SQL).await.map_err(|e| {
+                RowError::Follower(format!("creating pgrelay.applied: {}", e.message))
+            })?;
             let work_dir = std::env::temp_dir();
             let boot = bootstrap::Bootstrap {
                 config,

@@ -81,11 +81,20 @@ impl Applier {
                     Op::Update => self.rows[1] += 1,
                     Op::Delete => self.rows[2] += 1,
                     Op::Truncate => self.rows[3] += 1,
-                    Op::Other => {}
+                    Op::Record | Op::Other => {}
                 }
             }
             tag::ERROR_RESPONSE if self.failure.is_none() => {
                 let f = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                if self.checks.front().is_some_and(|c| c.op == Op::Record) && f.code == "22012" {
+                    self.failure = Some(RowError::Follower(format!(
+                        "the position recorded in pgrelay.applied on follower \"{}\" is not where \
+                         the previous group left it (a group failed to commit, or an earlier \
+                         connection is still applying); starting over from what it records",
+                        self.follower
+                    )));
+                    return Ok(());
+                }
                 let what = match self.checks.front() {
                     Some(c) if c.relation != 0 => {
                         format!("{:?} on {}", c.op, self.table_name(c.relation))
