@@ -141,57 +141,38 @@ impl Bootstrap<'_> {
         let file = self
             .work_dir
             .join(format!("pgrelay-schema-{}.sql", self.source));
-        let out = Command::new(tool(self.config, "pg_dump"))
-            .args(["--schema-only", "--no-publications", "--no-subscriptions"])
-            .args(["--exclude-schema", "pgrelay"])
-            .arg(format!("--snapshot={}", self.snapshot))
-            .args([
-                "-h",
-                &leader.host,
-                "-p",
-                &leader.port.to_string(),
-                "-U",
-                user,
-            ])
-            .args(["-d", self.database, "-f"])
-            .arg(&file)
-            .env("PGPASSWORD", &password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| {
-                RowError::Setup(format!(
-                    "cannot run pg_dump: {e} (set replication.pg_bin_dir)"
-                ))
-            })?;
+        let snapshot = format!("--snapshot={}", self.snapshot);
+        let out = self
+            .run_tool(
+                "pg_dump",
+                leader,
+                &[
+                    "--schema-only",
+                    "--no-publications",
+                    "--no-subscriptions",
+                    "--exclude-schema",
+                    "pgrelay",
+                    &snapshot,
+                ],
+                &file,
+                &password,
+            )
+            .await?;
         if !out.status.success() {
             return Err(RowError::Leader(format!(
                 "pg_dump of the schema failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let out = Command::new(tool(self.config, "psql"))
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"])
-            .args([
-                "-h",
-                &follower.host,
-                "-p",
-                &follower.port.to_string(),
-                "-U",
-                user,
-            ])
-            .args(["-d", self.database, "-f"])
-            .arg(&file)
-            .env("PGPASSWORD", &password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .env("PGOPTIONS", "-c client_min_messages=warning")
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| {
-                RowError::Setup(format!("cannot run psql: {e} (set replication.pg_bin_dir)"))
-            })?;
+        let out = self
+            .run_tool(
+                "psql",
+                follower,
+                &["-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"],
+                &file,
+                &password,
+            )
+            .await?;
         let _ = std::fs::remove_file(&file);
         if !out.status.success() {
             return Err(RowError::Follower(format!(
@@ -201,6 +182,42 @@ impl Bootstrap<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// Runs `pg_dump` or `psql` against `node`'s copy of the database, with `file` as its
+    /// output or input.
+    async fn run_tool(
+        &self,
+        name: &str,
+        node: &crate::config::NodeConfig,
+        args: &[&str],
+        file: &Path,
+        password: &str,
+    ) -> Result<std::process::Output, RowError> {
+        let port = node.port.to_string();
+        Command::new(tool(self.config, name))
+            .args(args)
+            .args([
+                "-h",
+                &node.host,
+                "-p",
+                &port,
+                "-U",
+                &self.config.replication.user,
+            ])
+            .args(["-d", self.database, "-f"])
+            .arg(file)
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .env("PGOPTIONS", "-c client_min_messages=warning")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| {
+                RowError::Setup(format!(
+                    "cannot run {name}: {e} (set replication.pg_bin_dir)"
+                ))
+            })
     }
 
     /// Sequence values and populated materialized views, as of the snapshot.

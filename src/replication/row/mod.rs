@@ -245,8 +245,8 @@ async fn follower_database(
     leader: &mut BackendConn,
     recreate: bool,
 ) -> Result<BackendConn, RowError> {
-    if !recreate {
-        match connect_own_with(
+    let connect = || {
+        connect_own_with(
             config,
             node,
             database,
@@ -254,8 +254,9 @@ async fn follower_database(
             false,
             FOLLOWER_OPTIONS,
         )
-        .await
-        {
+    };
+    if !recreate {
+        match connect().await {
             Ok(c) => return Ok(c),
             Err(e) if e.contains("does not exist") => {}
             Err(e) => return Err(RowError::Follower(e)),
@@ -304,16 +305,7 @@ async fn follower_database(
             )))
         }
     }
-    connect_own_with(
-        config,
-        node,
-        database,
-        "pgrelay applier",
-        false,
-        FOLLOWER_OPTIONS,
-    )
-    .await
-    .map_err(RowError::Follower)
+    connect().await.map_err(RowError::Follower)
 }
 
 /// One attempt: set up, bootstrap or resume, then stream and apply until something fails.
