@@ -2,13 +2,16 @@
 //! and never serves a session older data than it wrote.
 //!
 //! # Layout
-//! - [`protocol`]: bytes <-> Postgres v3 messages, authentication exchanges, SQLSTATEs; no I/O.
+//! - [`protocol`]: bytes <-> Postgres v3 messages, authentication exchanges, SQLSTATEs, the
+//!   streaming-replication sub-protocol and pgoutput; no I/O.
 //! - [`config`]: the TOML config, validated into [`config::Config`] at load.
 //! - [`server`]: the listener, cancel requests, shutdown.
 //! - [`session`]: one client connection's state machine: units of messages, routed and relayed.
-//! - [`routing`]: statement classification and the registry of nodes and their health.
+//! - [`routing`]: statement classification (and which DDL row mode replicates), and the registry
+//!   of nodes and their health.
 //! - [`backend`]: connections from pgrelay to nodes, and the pool that hands them out.
-//! - [`replication`]: follower positions and lag, per replication mode.
+//! - [`replication`]: follower positions and lag, and per replication mode how followers get
+//!   the leader's changes (physical standbys watched; row mode streamed and applied by pgrelay).
 //! - [`metrics`]: Prometheus metric names, handles and the `/metrics` endpoint.
 //! - [`cluster`]: starts and stops a local leader + followers from the installed Postgres binaries.
 //! - [`demo`]: `pgrelay demo`, a local cluster with pgrelay in front of it.

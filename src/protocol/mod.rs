@@ -1,5 +1,6 @@
 //! The PostgreSQL frontend/backend protocol, version 3, without I/O: framing, the messages
-//! pgrelay inspects or writes, authentication exchanges and SQLSTATEs.
+//! pgrelay inspects or writes, authentication exchanges and SQLSTATEs; and, for row mode, the
+//! walsender's CopyBoth sub-protocol ([`replication`]) and pgoutput's messages ([`pgoutput`]).
 //! <https://www.postgresql.org/docs/current/protocol.html>
 pub mod auth;
 pub mod backend;
