@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::row::{
-    assert_converged, leader_database, row_cluster, row_config, start_row_cluster,
+    assert_converged, leader_database, row_cluster, row_config, start_row_cluster, value_on,
     wait_bootstrapped, ProxyProcess,
 };
 use common::{
@@ -90,24 +90,10 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
     wait_bootstrapped(info, &db).await;
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     for f in &info.followers {
-        let c = connect_direct(f, &db).await;
-        let row = c
-            .query_one("SELECT last_value FROM docs_id_seq", &[])
-            .await
-            .unwrap();
-        assert_eq!(
-            row.get::<_, i64>(0),
-            2,
-            "sequence value copied to {}",
-            f.name
-        );
-        let row = c.query_one("SELECT count(*) FROM rich", &[]).await.unwrap();
-        assert_eq!(
-            row.get::<_, i64>(0),
-            2000,
-            "materialized view refreshed on {}",
-            f.name
-        );
+        let value: i64 = value_on(f, &db, "SELECT last_value FROM docs_id_seq").await;
+        assert_eq!(value, 2, "sequence value copied to {}", f.name);
+        let views: i64 = value_on(f, &db, "SELECT count(*) FROM rich").await;
+        assert_eq!(views, 2000, "materialized view refreshed on {}", f.name);
     }
 
     let client = connect_proxy(addr, &db).await;
@@ -153,17 +139,8 @@ async fn bootstrap_copies_the_leader_and_every_kind_of_change_follows() {
     );
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     for f in &info.followers {
-        let c = connect_direct(f, &db).await;
-        let row = c
-            .query_one("SELECT doubled FROM gen WHERE id = 1", &[])
-            .await
-            .unwrap();
-        assert_eq!(
-            row.get::<_, i32>(0),
-            42,
-            "generated column computed on {}",
-            f.name
-        );
+        let value: i32 = value_on(f, &db, "SELECT doubled FROM gen WHERE id = 1").await;
+        assert_eq!(value, 42, "generated column computed on {}", f.name);
     }
 
     let text = scrape(metrics).await;

@@ -271,6 +271,14 @@ impl Config {
         &self.leader_node
     }
 
+    /// The name of node `node` (empty for an index out of range).
+    pub fn node_name(&self, node: usize) -> String {
+        self.nodes
+            .get(node)
+            .map(|n| n.name.clone())
+            .unwrap_or_default()
+    }
+
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
         self.users.iter().find(|u| u.name == name)
     }

@@ -192,11 +192,7 @@ async fn watch_follower(
     history: Arc<Mutex<LeaderHistory>>,
     stop: CancellationToken,
 ) {
-    let name = config
-        .nodes
-        .get(node)
-        .map(|n| n.name.clone())
-        .unwrap_or_default();
+    let name = config.node_name(node);
     let mut poller = Poller {
         config: config.clone(),
         node,

@@ -168,7 +168,8 @@ pub(crate) struct Session {
     config: Arc<Config>,
     client: Client,
     key: ConnKey,
-    database: String,
+    /// Shared with the closures that pick followers (cheap to clone on the read path).
+    database: Arc<str>,
     /// Indexed by node.
     backends: Vec<Option<Backend>>,
     classifier: Arc<Classifier>,
@@ -264,7 +265,7 @@ impl Session {
                 user: login.user.clone(),
                 params: login.params.clone(),
             },
-            database: login.database.clone(),
+            database: Arc::from(login.database.as_str()),
             classifier: Arc::new(Classifier::default()),
             classifier_generation: shared.classifiers.generation(),
             reload_classifier: false,

@@ -197,7 +197,7 @@ impl Session {
         let positions = self.shared.positions.clone();
         let followers = self.shared.nodes.followers().to_vec();
         let nodes = &self.shared.nodes;
-        let database = self.database.as_str();
+        let database: &str = &self.database;
         let caught_up = positions
             .wait_until(wait, |p| {
                 followers.iter().any(|&f| {

@@ -120,6 +120,19 @@ pub async fn applied(follower: &NodeInfo, db: &str) -> Option<String> {
     row.get(0)
 }
 
+/// The first column of the one row `sql` returns on `node`.
+pub async fn value_on<T>(node: &NodeInfo, db: &str, sql: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    connect_direct(node, db)
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Waits until every follower finished copying `db`.
 pub async fn wait_bootstrapped(info: &ClusterInfo, db: &str) {
     for f in &info.followers {

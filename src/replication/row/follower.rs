@@ -65,11 +65,7 @@ pub(super) async fn follower_task(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let name = config
-        .nodes
-        .get(node)
-        .map(|n| n.name.clone())
-        .unwrap_or_default();
+    let name = config.node_name(node);
     let shared = Arc::new(FollowerShared {
         states: Mutex::new(HashMap::new()),
         changed: Notify::new(),

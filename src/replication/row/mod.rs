@@ -155,11 +155,7 @@ async fn database_task(
     metrics: Option<Arc<FollowerMetrics>>,
     stop: CancellationToken,
 ) {
-    let follower = config
-        .nodes
-        .get(node)
-        .map(|n| n.name.clone())
-        .unwrap_or_default();
+    let follower = config.node_name(node);
     let mut last_error: Option<String> = None;
     loop {
         let result = tokio::select! {
@@ -218,11 +214,7 @@ async fn database_task(
 
 /// Records on the follower that applying to `database` found it different from the leader.
 async fn mark_diverged(config: &Config, node: usize, database: &str, why: &str) {
-    let follower = config
-        .nodes
-        .get(node)
-        .map(|n| n.name.clone())
-        .unwrap_or_default();
+    let follower = config.node_name(node);
     let source = setup::slot_name(&follower, database);
     let marked = match connect_own(config, node, database, "pgrelay applier", false).await {
         Ok(mut conn) => {
