@@ -140,8 +140,12 @@ impl Server {
             None => None,
         };
         let nodes = NodeRegistry::new(&config);
+        let positions = Positions::new(config.nodes.len(), nodes.followers());
+        if config.replication.mode == ReplicationMode::Statement {
+            positions.use_database_positions();
+        }
         let shared = Arc::new(Shared {
-            positions: Arc::new(Positions::new(config.nodes.len(), nodes.followers())),
+            positions: Arc::new(positions),
             metrics: Arc::new(Metrics::new(&config)),
             nodes,
             config: Arc::new(config),
@@ -189,7 +193,14 @@ impl Server {
                 &background,
                 stop_background.clone(),
             ),
-            ReplicationMode::Physical | ReplicationMode::Statement => physical::spawn(
+            ReplicationMode::Statement => crate::replication::statement::spawn(
+                shared.config.clone(),
+                shared.positions.clone(),
+                shared.metrics.clone(),
+                &background,
+                stop_background.clone(),
+            ),
+            ReplicationMode::Physical => physical::spawn(
                 shared.config.clone(),
                 shared.positions.clone(),
                 shared.metrics.clone(),

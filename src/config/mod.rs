@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-pub use raw::{RawConfig, RawMetrics, RawNode, RawProxy, RawReplication, RawRouting, RawUser};
+pub use raw::{RawConfig, RawMetrics, RawNode, RawProxy, RawReplication, RawRouting, RawStatement, RawUser};
 
 use crate::protocol::auth::scram::ScramSecret;
 
@@ -41,6 +41,7 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     pub replication: ReplicationConfig,
     pub routing: RoutingConfig,
+    pub statement: StatementConfig,
     pub metrics: MetricsConfig,
 }
 
@@ -206,6 +207,25 @@ pub struct ReplicationConfig {
     pub pg_bin_dir: Option<std::path::PathBuf>,
 }
 
+/// What statement mode does with a statement it cannot make deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsafePolicy {
+    /// Refused with SQLSTATE 0A000.
+    Reject,
+    /// Run and logged anyway, with a WARNING to the client and a counter.
+    Allow,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatementConfig {
+    /// Write transactions take the ordering lock at their first write (not just before
+    /// COMMIT), so replay in commit order does exactly what the leader did.
+    pub serialize_writes: bool,
+    pub unsafe_policy: UnsafePolicy,
+    /// Log entries every follower applied are kept this much longer before they are deleted.
+    pub log_retention: Duration,
+}
+
 /// Which node may serve a read (see README, "Consistency").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consistency {
@@ -318,6 +338,17 @@ impl Config {
                     auth: Some(u.auth.name().into()),
                 })
                 .collect(),
+            statement: RawStatement {
+                serialize_writes: Some(self.statement.serialize_writes),
+                unsafe_: Some(
+                    match self.statement.unsafe_policy {
+                        UnsafePolicy::Reject => "reject",
+                        UnsafePolicy::Allow => "allow",
+                    }
+                    .into(),
+                ),
+                log_retention: Some(fmt_duration(self.statement.log_retention)),
+            },
             replication: RawReplication {
                 mode: Some(self.replication.mode.name().into()),
                 ack: Some(self.replication.ack.to_string()),
@@ -543,13 +574,23 @@ impl TryFrom<RawConfig> for Config {
                 .filter(|p| !p.is_empty())
                 .map(std::path::PathBuf::from),
         };
-        if replication.mode == ReplicationMode::Statement {
-            // Running it as physical mode would leave writable followers unreplicated.
-            return Err(invalid(
-                "replication.mode = \"statement\" is not available yet; use \"row\" (pgrelay \
-                 replicates to writable followers) or \"physical\" (streaming standbys)",
-            ));
-        }
+        let statement = StatementConfig {
+            serialize_writes: raw.statement.serialize_writes.unwrap_or(true),
+            unsafe_policy: match raw.statement.unsafe_.as_deref().unwrap_or("reject") {
+                "reject" => UnsafePolicy::Reject,
+                "allow" => UnsafePolicy::Allow,
+                other => {
+                    return Err(invalid(format!(
+                        "statement.unsafe = {other:?}: expected \"reject\" or \"allow\""
+                    )))
+                }
+            },
+            log_retention: duration(
+                "statement.log_retention",
+                raw.statement.log_retention.as_deref(),
+                Duration::ZERO,
+            )?,
+        };
         if replication.bootstrap_workers == 0 {
             return Err(invalid("replication.bootstrap_workers must be at least 1"));
         }
@@ -591,6 +632,7 @@ impl TryFrom<RawConfig> for Config {
             leader_node,
             users,
             replication,
+            statement,
             routing: RoutingConfig {
                 consistency,
                 max_lag: duration(
@@ -674,10 +716,8 @@ password = "secret"
     fn bad_values_are_explained() {
         for (extra, needle) in [
             ("[replication]\nmode = \"logical\"\n", "replication.mode"),
-            (
-                "[replication]\nmode = \"statement\"\n",
-                "\"statement\" is not available yet",
-            ),
+            ("[statement]\nunsafe = \"maybe\"\n", "statement.unsafe"),
+            ("[statement]\nlog_retention = \"soon\"\n", "statement.log_retention"),
             (
                 "[replication]\nbootstrap_workers = 0\n",
                 "bootstrap_workers must be at least 1",

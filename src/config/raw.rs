@@ -17,6 +17,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub routing: RawRouting,
     #[serde(default)]
+    pub statement: RawStatement,
+    #[serde(default)]
     pub metrics: RawMetrics,
 }
 
@@ -76,4 +78,13 @@ pub struct RawRouting {
 #[serde(deny_unknown_fields)]
 pub struct RawMetrics {
     pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatement {
+    pub serialize_writes: Option<bool>,
+    #[serde(rename = "unsafe")]
+    pub unsafe_: Option<String>,
+    pub log_retention: Option<String>,
 }

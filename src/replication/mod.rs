@@ -11,3 +11,4 @@ pub mod lag;
 pub mod physical;
 pub mod positions;
 pub mod row;
+pub mod statement;

@@ -1,12 +1,14 @@
 //! Positions: the one currency in which every replication mode answers "what position did this
 //! commit reach on the leader?" and "up to what position has follower F applied?". In
-//! `physical` mode a position is a WAL LSN.
+//! `physical` and `row` mode a position is a WAL LSN of the leader; in `statement` mode it is the
+//! `seq` of a database's statement log, so there every database has positions of its own
+//! ([`Positions::use_database_positions`]).
 //!
 //! Each follower's state is published through a `tokio::sync::watch` channel, so the router,
 //! the metrics and the acknowledgement waiters read it without locks.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -74,6 +76,12 @@ pub struct Positions {
     /// Node index -> the databases the follower can serve; None: all of them (a physical
     /// standby). In row mode a database is served only once its bootstrap is done.
     databases: Vec<RwLock<Option<HashSet<String>>>>,
+    /// Statement mode: positions are per database (each database has its own log).
+    per_database: AtomicBool,
+    /// Node index -> database -> applied position (statement mode).
+    db_applied: Vec<RwLock<HashMap<String, Position>>>,
+    /// Database -> the highest position acknowledged in it (statement mode).
+    db_acknowledged: RwLock<HashMap<String, Position>>,
 }
 
 impl Positions {
@@ -93,7 +101,51 @@ impl Positions {
             changed: watch::Sender::new(0),
             poll_now: (0..nodes).map(|_| Notify::new()).collect(),
             databases: (0..nodes).map(|_| RwLock::new(None)).collect(),
+            per_database: AtomicBool::new(false),
+            db_applied: (0..nodes).map(|_| RwLock::new(HashMap::new())).collect(),
+            db_acknowledged: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Statement mode: from now on a follower's applied position and the acknowledged
+    /// position are kept per database ([`Positions::publish_database`]).
+    pub fn use_database_positions(&self) {
+        self.per_database.store(true, Ordering::Release);
+    }
+
+    fn per_database(&self) -> bool {
+        self.per_database.load(Ordering::Acquire)
+    }
+
+    /// Statement mode: `node` has applied `database`'s log up to `applied`.
+    pub fn publish_database(&self, node: usize, database: &str, applied: Position) {
+        if let Some(Ok(mut map)) = self.db_applied.get(node).map(|l| l.write()) {
+            match map.get_mut(database) {
+                Some(p) => *p = applied,
+                None => {
+                    map.insert(database.to_owned(), applied);
+                }
+            }
+        }
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Statement mode: the position `node` has applied in `database`, if known.
+    pub fn database_applied(&self, node: usize, database: &str) -> Option<Position> {
+        match self.db_applied.get(node).map(|l| l.read()) {
+            Some(Ok(map)) => map.get(database).copied(),
+            _ => None,
+        }
+    }
+
+    /// The follower's state as a reader of `database` sees it: in statement mode its applied
+    /// position is that database's.
+    pub fn follower_in(&self, node: usize, database: &str) -> FollowerState {
+        let mut state = self.follower(node);
+        if self.per_database() {
+            state.applied = self.database_applied(node, database);
+        }
+        state
     }
 
     /// Asks every follower watcher to poll at once.
@@ -156,11 +208,26 @@ impl Positions {
         self.leader.load(Ordering::Acquire)
     }
 
-    pub fn acknowledge(&self, position: Position) {
+    /// pgrelay told a client that a commit at `position` in `database` is done.
+    pub fn acknowledge(&self, position: Position, database: &str) {
+        if self.per_database() {
+            if let Ok(mut map) = self.db_acknowledged.write() {
+                let p = map.entry(database.to_owned()).or_insert(0);
+                *p = (*p).max(position);
+            }
+            return;
+        }
         self.acknowledged.fetch_max(position, Ordering::AcqRel);
     }
 
-    pub fn acknowledged(&self) -> Position {
+    /// The highest position acknowledged to any client (in `database`, in statement mode).
+    pub fn acknowledged(&self, database: &str) -> Position {
+        if self.per_database() {
+            return match self.db_acknowledged.read() {
+                Ok(map) => map.get(database).copied().unwrap_or(0),
+                Err(_) => 0,
+            };
+        }
         self.acknowledged.load(Ordering::Acquire)
     }
 
@@ -176,8 +243,8 @@ impl Positions {
             .iter()
             .enumerate()
             .filter(|(node, tx)| {
-                tx.as_ref()
-                    .is_some_and(|tx| tx.borrow().has_applied(position))
+                tx.is_some()
+                    && self.follower_in(*node, database).has_applied(position)
                     && self.serves(*node, database)
             })
             .count()

@@ -205,7 +205,7 @@ impl Session {
             // Acknowledged before the client hears of the commit, so that a `global` read
             // that starts after it waits for it.
             (true, Some(p)) if self.config.replication.ack == Ack::Async => {
-                self.shared.positions.acknowledge(p);
+                self.shared.positions.acknowledge(p, &self.database);
                 self.release(None);
             }
             (true, Some(p)) => {
@@ -215,7 +215,7 @@ impl Session {
                 });
             }
             (true, None) => self.release(None),
-            (false, Some(p)) => self.shared.positions.acknowledge(p),
+            (false, Some(p)) => self.shared.positions.acknowledge(p, &self.database),
             (false, None) => {}
         }
     }
@@ -229,7 +229,7 @@ impl Session {
             .metrics
             .ack_wait
             .record(wait.started.elapsed().as_secs_f64());
-        self.shared.positions.acknowledge(wait.position);
+        self.shared.positions.acknowledge(wait.position, &self.database);
         if confirmed {
             self.release(None);
             return;

@@ -94,7 +94,7 @@ impl Session {
             consistency,
             self.last_write,
             self.min_position,
-            self.shared.positions.acknowledged(),
+            self.shared.positions.acknowledged(&self.database),
             self.config.routing.max_lag,
         ) {
             None => Decision::Node(
@@ -201,7 +201,7 @@ impl Session {
         let caught_up = positions
             .wait_until(wait, |p| {
                 followers.iter().any(|&f| {
-                    nodes.is_up(f) && p.serves(f, database) && needs.satisfied_by(&p.follower(f))
+                    nodes.is_up(f) && p.serves(f, database) && needs.satisfied_by(&p.follower_in(f, database))
                 })
             })
             .await;
@@ -224,7 +224,7 @@ impl Session {
         let eligible = |node: usize| {
             shared.nodes.is_up(node)
                 && shared.positions.serves(node, &database)
-                && needs.satisfied_by(&shared.positions.follower(node))
+                && needs.satisfied_by(&shared.positions.follower_in(node, &database))
         };
         let busy = self.busy_node().filter(|&b| eligible(b));
         let rest = shared

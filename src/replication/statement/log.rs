@@ -1,0 +1,274 @@
+//! The statement log: what a session writes on the leader next to the client's own changes,
+//! and what a replayer reads back and runs on a follower.
+//!
+//! Every database pgrelay replicates in statement mode has, on the leader, a schema `pgrelay`
+//! with the table `pgrelay.statement_log` (one row per committed leader transaction that wrote
+//! through pgrelay) and its sequence `pgrelay.statement_seq`. The session inserts the row just
+//! before the client's COMMIT, after taking the ordering lock ([`ORDER_LOCK`]) with
+//! `pg_advisory_xact_lock`; the lock is held until the commit, so `seq` order is commit order.
+//! A transaction that takes a `seq` and then fails to commit leaves a gap; any snapshot that
+//! sees a later `seq` also sees every committed earlier one (the lock is released after the
+//! commit became visible), so a replayer that applies what it sees, in `seq` order, never
+//! skips a committed entry.
+//!
+//! The functions in [`FUNCTIONS_SQL`] exist on the leader and on every follower. Statements
+//! are rewritten to call them instead of their non-deterministic originals:
+//! - `pgrelay.now()` returns the transaction's time chosen by pgrelay (setting `pgrelay.now`);
+//! - `pgrelay.random()`, `pgrelay.uuid()` and `pgrelay.nextval(regclass)` produce a value on
+//!   the leader and append it to the transaction-local setting `pgrelay.values`; on a follower,
+//!   where the replayer sets `pgrelay.replaying = on` and `pgrelay.replay_values` to what the
+//!   leader recorded, they hand the recorded values out in the same order instead
+//!   (`pgrelay.nextval` also moves the follower's sequence to the leader's value). A replay that
+//!   asks for more values than were recorded fails loudly rather than making one up.
+//!   Values set with `set_config(..., true)` are undone by `ROLLBACK TO SAVEPOINT`, like the
+//!   statements pgrelay drops from the log then.
+
+/// Key of the transaction-level advisory lock that orders commits that write through pgrelay
+/// (`pg_advisory_xact_lock`): "pgrelay" in ASCII, then 1.
+pub const ORDER_LOCK: i64 = 0x7067_7265_6c61_7901;
+/// Key of the session-level advisory lock a replayer holds on a follower database
+/// (`pg_try_advisory_lock`), so that one pgrelay process replays into it at a time.
+pub const REPLAYER_LOCK: i64 = 0x7067_7265_6c61_7902;
+/// Key of the transaction-level advisory lock around the setup of the log on the leader.
+pub const SETUP_LOCK: i64 = 0x7067_7265_6c61_7903;
+
+/// `source` of statement mode's row in `pgrelay.applied` on a follower.
+pub const APPLIED_SOURCE: &str = "statement";
+
+/// Creates the functions pgrelay's rewritten statements call (leader and followers).
+pub const FUNCTIONS_SQL: &str = r#"
+CREATE SCHEMA IF NOT EXISTS pgrelay;
+CREATE OR REPLACE FUNCTION pgrelay.now() RETURNS timestamptz LANGUAGE sql STABLE AS
+$f$ SELECT coalesce(nullif(pg_catalog.current_setting('pgrelay.now', true), '')::timestamptz, pg_catalog.now()) $f$;
+CREATE OR REPLACE FUNCTION pgrelay.take_value(produced text) RETURNS text LANGUAGE plpgsql VOLATILE AS
+$f$
+DECLARE
+  queue text;
+  v text;
+BEGIN
+  IF pg_catalog.current_setting('pgrelay.replaying', true) = 'on' THEN
+    queue := pg_catalog.current_setting('pgrelay.replay_values', true);
+    IF queue IS NULL OR queue = '' THEN
+      RAISE EXCEPTION 'pgrelay: the replayed statement asks for more generated values than the leader recorded'
+        USING ERRCODE = 'XX000';
+    END IF;
+    v := pg_catalog.split_part(queue, ',', 1);
+    PERFORM pg_catalog.set_config('pgrelay.replay_values', pg_catalog.substr(queue, pg_catalog.length(v) + 2), true);
+    RETURN v;
+  END IF;
+  PERFORM pg_catalog.set_config('pgrelay.values',
+    coalesce(pg_catalog.current_setting('pgrelay.values', true), '') || produced || ',', true);
+  RETURN produced;
+END
+$f$;
+CREATE OR REPLACE FUNCTION pgrelay.random() RETURNS double precision LANGUAGE sql VOLATILE AS
+$f$ SELECT pgrelay.take_value(pg_catalog.floor(pg_catalog.random() * 4503599627370496)::bigint::text)::bigint / 4503599627370496.0::double precision $f$;
+CREATE OR REPLACE FUNCTION pgrelay.uuid() RETURNS uuid LANGUAGE sql VOLATILE AS
+$f$ SELECT pgrelay.take_value(pg_catalog.gen_random_uuid()::text)::uuid $f$;
+CREATE OR REPLACE FUNCTION pgrelay.nextval(seq regclass) RETURNS bigint LANGUAGE plpgsql VOLATILE AS
+$f$
+DECLARE
+  v bigint;
+BEGIN
+  IF pg_catalog.current_setting('pgrelay.replaying', true) = 'on' THEN
+    v := pgrelay.take_value(NULL)::bigint;
+    PERFORM pg_catalog.setval(seq, v, true);
+    RETURN v;
+  END IF;
+  RETURN pgrelay.take_value(pg_catalog.nextval(seq)::text)::bigint;
+END
+$f$;
+"#;
+
+/// Creates the log on the leader (with the functions), under [`SETUP_LOCK`], in one
+/// transaction: safe when several sessions or pgrelay processes race.
+pub fn leader_setup_sql() -> String {
+    format!(
+        "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock({SETUP_LOCK}); {FUNCTIONS_SQL};
+CREATE SEQUENCE IF NOT EXISTS pgrelay.statement_seq;
+CREATE TABLE IF NOT EXISTS pgrelay.statement_log (
+  seq bigint PRIMARY KEY,
+  logged_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+  role name NOT NULL,
+  settings jsonb NOT NULL,
+  statements jsonb NOT NULL,
+  gen_values text,
+  copy_data bytea[]);
+COMMIT"
+    )
+}
+
+/// The insert a session sends just before the client's COMMIT (extended protocol; parameters:
+/// `$1` settings, `$2` statements, both JSON text; `$3` the COPY data as `bytea[]` text or
+/// NULL). It returns the entry's `seq`, the commit's position.
+pub const INSERT_SQL: &str = "INSERT INTO pgrelay.statement_log \
+     (seq, role, settings, statements, gen_values, copy_data) \
+     VALUES (pg_catalog.nextval('pgrelay.statement_seq'), session_user, $1::jsonb, $2::jsonb, \
+     nullif(pg_catalog.current_setting('pgrelay.values', true), ''), $3::bytea[]) RETURNING seq";
+
+/// Takes the ordering lock (sent before the first write when `serialize_writes` is on, else
+/// right before [`INSERT_SQL`]).
+pub fn order_lock_sql() -> String {
+    format!("SELECT pg_catalog.pg_advisory_xact_lock({ORDER_LOCK})")
+}
+
+/// One statement of a logged transaction, as stored in the `statements` JSON array.
+///
+/// JSON form: `{"sql": "..."}` for a simple-protocol query string (it may hold several
+/// statements); for an extended-protocol statement also `"types"` (parameter type OIDs, as
+/// in Parse), `"formats"` (parameter format codes, as in Bind) and `"params"` (each value as
+/// lowercase hex of its bytes, or null). A COPY ... FROM STDIN has `"copy": i`, the index
+/// (from 1) of its data in the entry's `copy_data` array.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoggedStatement {
+    pub sql: String,
+    /// Extended protocol: Some, even with no parameters.
+    pub extended: Option<Extended>,
+    pub copy: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Extended {
+    pub types: Vec<u32>,
+    pub formats: Vec<i16>,
+    pub params: Vec<Option<Vec<u8>>>,
+}
+
+/// Quotes `text` as a JSON string.
+pub fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+}
+
+/// Encodes statements as the JSON array stored in `statements`.
+pub fn encode_statements(statements: &[LoggedStatement]) -> String {
+    let mut out = String::from("[");
+    for (i, s) in statements.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"sql\":");
+        json_string(&mut out, &s.sql);
+        if let Some(e) = &s.extended {
+            out.push_str(",\"types\":[");
+            for (j, t) in e.types.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                out.push_str(&t.to_string());
+            }
+            out.push_str("],\"formats\":[");
+            for (j, f) in e.formats.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                out.push_str(&f.to_string());
+            }
+            out.push_str("],\"params\":[");
+            for (j, p) in e.params.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                match p {
+                    Some(v) => {
+                        out.push('"');
+                        hex(&mut out, v);
+                        out.push('"');
+                    }
+                    None => out.push_str("null"),
+                }
+            }
+            out.push(']');
+        }
+        if let Some(c) = s.copy {
+            out.push_str(&format!(",\"copy\":{c}"));
+        }
+        out.push('}');
+    }
+    out.push(']');
+    out
+}
+
+/// Encodes settings (SQL statements run at the start of the replayed transaction, each a
+/// `SET LOCAL ...` or `SELECT set_config(..., true)`) as the JSON array stored in `settings`.
+pub fn encode_settings(settings: &[String]) -> String {
+    let mut out = String::from("[");
+    for (i, s) in settings.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        json_string(&mut out, s);
+    }
+    out.push(']');
+    out
+}
+
+/// Encodes COPY data blocks as the text form of a `bytea[]`, for [`INSERT_SQL`]'s `$3`.
+pub fn encode_copy_data(blocks: &[Vec<u8>]) -> String {
+    let mut out = String::from("{");
+    for (i, b) in blocks.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("\"\\\\x");
+        hex(&mut out, b);
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_encode_as_json() {
+        let s = vec![
+            LoggedStatement {
+                sql: "INSERT INTO t VALUES ('a\"b\\c\n')".into(),
+                ..Default::default()
+            },
+            LoggedStatement {
+                sql: "UPDATE t SET a = $1 WHERE b = $2".into(),
+                extended: Some(Extended {
+                    types: vec![23, 0],
+                    formats: vec![0],
+                    params: vec![Some(b"42".to_vec()), None],
+                }),
+                copy: None,
+            },
+            LoggedStatement {
+                sql: "COPY t FROM STDIN".into(),
+                extended: None,
+                copy: Some(1),
+            },
+        ];
+        assert_eq!(
+            encode_statements(&s),
+            r#"[{"sql":"INSERT INTO t VALUES ('a\"b\\c\n')"},{"sql":"UPDATE t SET a = $1 WHERE b = $2","types":[23,0],"formats":[0],"params":["3432",null]},{"sql":"COPY t FROM STDIN","copy":1}]"#
+        );
+        assert_eq!(encode_settings(&["SET LOCAL a = 1".into()]), r#"["SET LOCAL a = 1"]"#);
+        assert_eq!(encode_copy_data(&[b"1\n".to_vec()]), r#"{"\\x310a"}"#);
+    }
+}
