@@ -27,8 +27,6 @@ pub struct DemoOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("replication mode \"{0}\" is not available yet; use --mode physical")]
-    ModeNotAvailable(&'static str),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
@@ -48,10 +46,7 @@ pub const DEMO_SUPERUSER: &str = "pgrelay";
 
 /// Starts the demo and serves until Ctrl-C or SIGTERM; then stops pgrelay and the servers.
 pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
-    if opts.mode == ReplicationMode::Statement {
-        return Err(DemoError::ModeNotAvailable(opts.mode.name()));
-    }
-    if opts.mode == ReplicationMode::Row && opts.lag.is_some() {
+    if opts.mode != ReplicationMode::Physical && opts.lag.is_some() {
         return Err(DemoError::Setup(
             "--lag delays a streaming standby's replay, so it needs --mode physical".to_owned(),
         ));

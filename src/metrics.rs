@@ -27,6 +27,7 @@ pub const RYW_FALLBACKS_TOTAL: &str = "pgrelay_ryw_fallbacks_total";
 pub const RYW_WAIT_SECONDS: &str = "pgrelay_ryw_wait_seconds";
 pub const ACK_WAIT_SECONDS: &str = "pgrelay_ack_wait_seconds";
 pub const ACK_TIMEOUTS_TOTAL: &str = "pgrelay_ack_timeouts_total";
+pub const UNSAFE_STATEMENTS_TOTAL: &str = "pgrelay_unsafe_statements_total";
 pub const CLIENT_CONNECTIONS: &str = "pgrelay_client_connections";
 pub const APPLY_TRANSACTIONS_TOTAL: &str = "pgrelay_apply_transactions_total";
 pub const APPLY_ROWS_TOTAL: &str = "pgrelay_apply_rows_total";
@@ -104,6 +105,8 @@ pub struct Metrics {
     pub ryw_wait: Histogram,
     pub ack_wait: Histogram,
     pub ack_timeouts: Counter,
+    /// Statement mode: unsafe statements run anyway (`unsafe = "allow"`).
+    pub unsafe_statements: Counter,
     pub client_connections: Gauge,
 }
 
@@ -182,6 +185,7 @@ impl Metrics {
             ryw_wait: histogram(RYW_WAIT_SECONDS),
             ack_wait: histogram(ACK_WAIT_SECONDS),
             ack_timeouts: counter(ACK_TIMEOUTS_TOTAL, vec![]),
+            unsafe_statements: counter(UNSAFE_STATEMENTS_TOTAL, vec![]),
             client_connections: gauge(CLIENT_CONNECTIONS, vec![]),
             handle: recorder.handle(),
         };
@@ -189,6 +193,7 @@ impl Metrics {
         metrics.writes.increment(0);
         metrics.ryw_fallbacks.increment(0);
         metrics.ack_timeouts.increment(0);
+        metrics.unsafe_statements.increment(0);
         metrics
     }
 

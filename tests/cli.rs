@@ -73,14 +73,14 @@ fn config_errors_name_the_problem() {
 }
 
 #[test]
-fn demo_modes_not_built_yet_say_so() {
+fn demo_lag_needs_standbys() {
     let out = pgrelay()
-        .args(["demo", "--mode", "statement"])
+        .args(["demo", "--mode", "statement", "--lag", "1s"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not available yet"), "{stderr}");
+    assert!(stderr.contains("needs --mode physical"), "{stderr}");
 }
 
 /// Postmaster pids recorded under a demo directory.

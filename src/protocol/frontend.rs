@@ -104,6 +104,48 @@ pub fn parse_parse(body: &[u8]) -> Result<ParseMsg<'_>, ProtocolError> {
     })
 }
 
+/// The parameter type OIDs a Parse declares.
+pub fn parse_param_types(body: &[u8]) -> Result<Vec<u32>, ProtocolError> {
+    let mut r = Reader::new(body, "Parse");
+    r.cstr()?;
+    r.cstr()?;
+    let n = r.count16()?;
+    let mut types = Vec::with_capacity(n);
+    for _ in 0..n {
+        types.push(r.i32()? as u32);
+    }
+    Ok(types)
+}
+
+/// A Bind's parameters: format codes (as sent: none, one for all, or one each) and values
+/// (None: NULL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindParams<'a> {
+    pub formats: Vec<i16>,
+    pub values: Vec<Option<&'a [u8]>>,
+}
+
+pub fn parse_bind_params(body: &[u8]) -> Result<BindParams<'_>, ProtocolError> {
+    let mut r = Reader::new(body, "Bind");
+    r.cstr()?;
+    r.cstr()?;
+    let n = r.count16()?;
+    let mut formats = Vec::with_capacity(n);
+    for _ in 0..n {
+        formats.push(r.i16()?);
+    }
+    let n = r.count16()?;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.i32()?;
+        values.push(match usize::try_from(len) {
+            Ok(len) => Some(r.bytes(len)?),
+            Err(_) => None,
+        });
+    }
+    Ok(BindParams { formats, values })
+}
+
 /// Bind: only the names; parameters pass through untouched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindMsg<'a> {
@@ -233,6 +275,43 @@ pub fn bind_text<'a>(
             }
         }
         b.put_i16(0);
+    });
+}
+
+/// Bind of `statement` to `portal` with the given parameter formats and values; results in text.
+pub fn bind<'a>(
+    out: &mut BytesMut,
+    portal: &str,
+    statement: &str,
+    formats: &[i16],
+    params: impl ExactSizeIterator<Item = Option<&'a [u8]>>,
+) {
+    write_message(out, tag::BIND, |b| {
+        put_cstr(b, portal.as_bytes());
+        put_cstr(b, statement.as_bytes());
+        b.put_i16(i16::try_from(formats.len()).unwrap_or(i16::MAX));
+        for f in formats {
+            b.put_i16(*f);
+        }
+        b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    b.put_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+}
+
+/// Execute of a named portal, all rows.
+pub fn execute_portal(out: &mut BytesMut, portal: &str) {
+    write_message(out, tag::EXECUTE, |b| {
+        put_cstr(b, portal.as_bytes());
+        b.put_i32(0);
     });
 }
 

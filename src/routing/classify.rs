@@ -33,6 +33,8 @@ const MAX_IDENT_BYTES: usize = 63;
 pub struct Classifier {
     /// Lowercase names of functions whose call makes a statement a write.
     writing_functions: HashSet<Box<str>>,
+    /// Statement mode: the database's volatile functions and column defaults.
+    catalog: std::sync::Arc<super::determinism::Catalog>,
 }
 
 /// What a query string does, as far as routing cares.
@@ -125,7 +127,18 @@ impl Classifier {
         );
         Classifier {
             writing_functions: set,
+            catalog: std::sync::Arc::default(),
         }
+    }
+
+    /// The same classifier with the database's catalog for statement mode.
+    pub fn with_catalog(mut self, catalog: super::determinism::Catalog) -> Self {
+        self.catalog = std::sync::Arc::new(catalog);
+        self
+    }
+
+    pub fn catalog(&self) -> std::sync::Arc<super::determinism::Catalog> {
+        self.catalog.clone()
     }
 
     /// Classifies a query string of one or more statements.

@@ -9,6 +9,7 @@
 pub mod classifiers;
 pub mod classify;
 pub mod ddl;
+pub mod determinism;
 pub mod functions;
 pub mod lexer;
 pub mod nodes;

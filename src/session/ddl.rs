@@ -309,13 +309,36 @@ fn temporary(relations: &[String], q: &str) -> String {
 
 /// A DO block that raises pgrelay's refusal as the server's own error.
 pub fn raise_block(refusal: Refusal) -> String {
+    raise_sql(&Raise::from(refusal))
+}
+
+/// A refusal pgrelay has the server raise (SQLSTATE 0A000), with text made at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raise {
+    pub message: String,
+    pub detail: String,
+    pub hint: String,
+}
+
+impl From<Refusal> for Raise {
+    fn from(r: Refusal) -> Self {
+        Raise {
+            message: r.message.to_owned(),
+            detail: r.detail.to_owned(),
+            hint: r.hint.to_owned(),
+        }
+    }
+}
+
+/// A DO block that raises `refusal`.
+pub fn raise_sql(refusal: &Raise) -> String {
     let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
     let body = format!(
         "BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}, \
          DETAIL = {}, HINT = {}; END",
-        literal(refusal.message),
-        literal(refusal.detail),
-        literal(refusal.hint)
+        literal(&refusal.message),
+        literal(&refusal.detail),
+        literal(&refusal.hint)
     );
     let o = dollar_tag("pgrelay", &[&body]);
     format!("DO {o}{body}{o}")
@@ -502,13 +525,13 @@ impl Session {
 
     /// Drops the unit whose Parse was refused and skips the client's messages up to its Sync,
     /// where the server raises the refusal ([`Session::raise_refusal`]).
-    pub(super) fn refuse_unit(&mut self, refusal: Refusal) -> Flow {
+    pub(super) fn refuse_unit(&mut self, refusal: impl Into<Raise>) -> Flow {
         let unit = std::mem::take(&mut self.unit);
         for (name, _) in &unit.parses {
             self.statements.remove(name);
         }
         self.discard_until_sync = true;
-        self.refused_unit = Some(refusal);
+        self.refused_unit = Some(refusal.into());
         Flow::Continue
     }
 
@@ -517,7 +540,7 @@ impl Session {
     pub(super) async fn raise_refusal(
         &mut self,
         sync: Frame,
-        refusal: Refusal,
+        refusal: Raise,
     ) -> Result<Flow, SessionEnd> {
         if self.busy_node().is_some()
             || self.holding
@@ -528,7 +551,7 @@ impl Session {
         }
         self.discard_until_sync = false;
         self.refused_unit = None;
-        let mut body = raise_block(refusal).into_bytes();
+        let mut body = raise_sql(&refusal).into_bytes();
         body.push(0);
         self.unit = Unit {
             frames: vec![Frame::new(fe::tag::QUERY, &body)],

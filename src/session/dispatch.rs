@@ -15,6 +15,7 @@ use crate::config::{Ack, Consistency};
 use crate::replication::physical::LEADER_POSITION_SQL;
 
 use super::ddl::{self, ParsePlan};
+use super::statement;
 use super::overrides;
 use super::unit::{Statement, StatementClass, Unit};
 use super::{Flow, Group, Session, SessionEnd};
@@ -42,6 +43,9 @@ impl Session {
                 if c.ddl && self.row_mode() {
                     let temp = self.may_have_temp(class.pins_leader);
                     self.plan_query_ddl(sql, temp);
+                }
+                if self.statement_mode() {
+                    self.plan_query_log(sql, &c);
                 }
                 self.unit.merge(class);
                 self.unit.changes.extend(c.session_changes);
@@ -82,6 +86,26 @@ impl Session {
                 if let Some(rewritten) = ddl.as_ref().and_then(|d| d.parse.clone()) {
                     self.unit.rewrites.push((self.unit.frames.len(), rewritten));
                 }
+                let (log, leader_parse) = if self.statement_mode() {
+                    match self.plan_parse_log(&body, parse.name, parse.query, &c) {
+                        Ok(planned) => planned,
+                        Err(refusal) if self.open_unit.is_none() => {
+                            return Ok(self.refuse_unit(refusal));
+                        }
+                        Err(refusal) => {
+                            // Part of the unit is on the leader already: the server raises the
+                            // refusal at Execute instead.
+                            let mut out = bytes::BytesMut::new();
+                            fe::parse(&mut out, parse.name, &ddl::raise_sql(&refusal), &[]);
+                            (None, Some(out.freeze()))
+                        }
+                    }
+                } else {
+                    (None, None)
+                };
+                if let Some(rewritten) = &leader_parse {
+                    self.unit.rewrites.push((self.unit.frames.len(), rewritten.clone()));
+                }
                 let name = parse.name.to_owned();
                 self.unit.read_only &= class.read_only;
                 let setting = overrides::parse_command(parse.query)
@@ -92,6 +116,8 @@ impl Session {
                     class,
                     setting,
                     ddl,
+                    log,
+                    leader_parse,
                 });
                 self.next_statement_id += 1;
                 // A named statement that exists already makes the node fail the Parse (42P05);
@@ -110,6 +136,19 @@ impl Session {
                 let mut ddl = None;
                 if let Some(s) = self.statements.get(bind.statement) {
                     let class = s.class;
+                    if let Some(log) = &s.log {
+                        let op = statement::bind_op(&log.0, &log.1, &body);
+                        match op {
+                            Some(op) => {
+                                self.log_portals.insert(bind.portal.to_owned(), op);
+                            }
+                            None => {
+                                self.log_portals.remove(bind.portal);
+                            }
+                        }
+                    } else if !self.log_portals.is_empty() {
+                        self.log_portals.remove(bind.portal);
+                    }
                     if let Some(setting) = &s.setting {
                         self.unit.settings.push(setting.clone());
                     }
@@ -155,11 +194,19 @@ impl Session {
                 let portal =
                     fe::parse_execute(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
                 self.note_execute(portal);
+                if !self.log_portals.is_empty() {
+                    if let Some(op) = self.log_portals.remove(portal) {
+                        if self.copy_outside_block(&op) && self.open_unit.is_none() {
+                            return Ok(self.refuse_unit(statement::copy_outside_block()));
+                        }
+                        self.unit.log_ops.push((self.unit.frames.len(), op));
+                    }
+                }
                 self.collect(frame).await
             }
             tag::SYNC => {
                 if self.discard_until_sync {
-                    if let Some(refusal) = self.refused_unit {
+                    if let Some(refusal) = self.refused_unit.clone() {
                         return self.raise_refusal(frame, refusal).await;
                     }
                     self.discard_until_sync = false;
@@ -194,6 +241,15 @@ impl Session {
                 self.dispatch_unit().await
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                if let Some(stx) = self.stx.as_mut().filter(|s| s.copying) {
+                    if t == tag::COPY_DATA {
+                        if let Some(block) = stx.copies.last_mut() {
+                            block.extend_from_slice(&frame.body());
+                        }
+                    } else {
+                        stx.copying = false;
+                    }
+                }
                 let node = self.copy_node.or(self.last_node);
                 if t != tag::COPY_DATA {
                     self.copy_node = None;
@@ -264,6 +320,16 @@ impl Session {
                 let kept = self.unit.frames.len();
                 self.unit.rewrites.retain(|(f, _)| *f < kept);
                 self.unit.ddl.retain(|d| d.frame < kept);
+                if frame.tag() == tag::EXECUTE {
+                    // Handled again later: its portal logs then.
+                    if let Some(i) = self.unit.log_ops.iter().position(|(f, _)| *f == kept) {
+                        let (_, op) = self.unit.log_ops.remove(i);
+                        if let Ok(portal) = fe::parse_execute(&frame.body()) {
+                            self.log_portals.insert(portal.to_owned(), op);
+                        }
+                    }
+                }
+                self.unit.log_ops.retain(|(f, _)| *f < kept);
                 if self.unit.frames.is_empty() {
                     // The message is handled (and classified) again later; a unit of other
                     // messages keeps its already merged, more conservative flags.
@@ -296,15 +362,31 @@ impl Session {
         let in_tx = self.pinned.is_some() || unit.begin.is_some();
         // The leader position a committed write reached is read right behind the commit, on
         // the same connection, so the client pays no extra round trip.
-        let capture = self.tracks_positions()
-            && node == leader
-            && unit.ends_group
-            && ((unit.writes && !in_tx) || (unit.ends_tx && (self.tx_wrote || unit.writes)));
+        // Statement mode: the position is the seq of the log entry the commit inserts.
+        let statement_mode = node == leader && self.statement_mode();
+        let log_send = if statement_mode {
+            self.plan_log_send(&unit)
+        } else {
+            statement::LogSend::default()
+        };
+        for warning in &unit.log_warnings {
+            let mut out = bytes::BytesMut::new();
+            Report::warning(sqlstate::WARNING, warning).write_notice(&mut out);
+            self.emit(&out);
+        }
+        let capture = if statement_mode {
+            log_send.log_capture
+        } else {
+            self.tracks_positions()
+                && node == leader
+                && unit.ends_group
+                && ((unit.writes && !in_tx) || (unit.ends_tx && (self.tx_wrote || unit.writes)))
+        };
         // The commit's replies wait for its position (which follows on the same connection):
         // with `ack = "async"` only for that, otherwise until followers applied it.
         let hold = capture;
         // Row mode: DDL on the leader is rewritten (see `ddl`).
-        let row_ddl = node == leader && self.row_mode();
+        let row_ddl = node == leader && (self.row_mode() || statement_mode);
         // A read outside a transaction may run again elsewhere if its follower dies first.
         let retryable = node != leader && !in_tx && unit.ends_group && self.open_unit.is_none();
         let statements: Vec<(String, Arc<Statement>)> = unit
@@ -325,6 +407,27 @@ impl Session {
             fe::query(&mut conn.wbuf, &sql);
             backend.groups.push_back(Group::default());
         }
+        // Statement mode: the ordering lock, the log insert before a COMMIT.
+        let mut inline_own = 0;
+        let mut head = bytes::BytesMut::new();
+        for (bytes, insert, statements) in &log_send.pre_groups {
+            if continuing {
+                // The client's unit is open on this connection: inside it, without the Sync.
+                let without_sync = bytes.strip_suffix(&[fe::tag::SYNC, 0, 0, 0, 4][..]);
+                head.extend_from_slice(without_sync.unwrap_or(bytes));
+                inline_own += statements;
+                continue;
+            }
+            conn.wbuf.extend_from_slice(bytes);
+            backend.groups.push_back(Group {
+                log_insert: *insert,
+                ..Group::default()
+            });
+        }
+        if let Some(h) = &log_send.head {
+            head.extend_from_slice(h);
+            inline_own += 1;
+        }
         // Statements the client closed on another node, and statements it prepared on another
         // node (or replaced since): closed and prepared here, inside the client's unit; their
         // CloseComplete and ParseComplete replies are swallowed. Closing a statement that does
@@ -342,8 +445,9 @@ impl Session {
                 fe::close_statement(&mut conn.wbuf, &name);
                 closes += 1;
             }
-            let parse = match &statement.ddl {
-                Some(d) if row_ddl => d.parse.as_ref().unwrap_or(&statement.parse),
+            let parse = match (&statement.ddl, &statement.leader_parse) {
+                (Some(d), _) if row_ddl => d.parse.as_ref().unwrap_or(&statement.parse),
+                (_, Some(p)) if node == leader => p,
                 _ => &statement.parse,
             };
             conn.wbuf.extend_from_slice(parse);
@@ -352,11 +456,25 @@ impl Session {
             backend.prepared.insert(name.clone(), statement.id);
             injected.push(name);
         }
-        if row_ddl && !unit.rewrites.is_empty() {
+        conn.wbuf.extend_from_slice(&head);
+        let last = unit.frames.len().saturating_sub(1);
+        if row_ddl
+            && (!unit.rewrites.is_empty()
+                || log_send.query_override.is_some()
+                || log_send.tail.is_some())
+        {
             for (i, frame) in unit.frames.iter().enumerate() {
+                if i == last && frame.tag() == fe::tag::SYNC {
+                    if let Some(tail) = &log_send.tail {
+                        conn.wbuf.extend_from_slice(tail);
+                    }
+                }
                 match unit.rewrites.iter().find(|(f, _)| *f == i) {
                     Some((_, rewritten)) => conn.wbuf.extend_from_slice(rewritten),
-                    None => conn.wbuf.extend_from_slice(frame.raw()),
+                    None => match &log_send.query_override {
+                        Some((f, sql)) if *f == i => fe::query(&mut conn.wbuf, sql),
+                        _ => conn.wbuf.extend_from_slice(frame.raw()),
+                    },
                 }
             }
         } else {
@@ -405,12 +523,34 @@ impl Session {
                 });
             }
         }
+        if inline_own > 0 {
+            let base = group.completions_sent;
+            group.own_completions.extend(base..base + inline_own);
+            group.swallow_close_completes += inline_own;
+            group.swallow_parse_completes += inline_own;
+            group.swallow_bind_completes += inline_own;
+            group.completions_sent += inline_own;
+        }
         group.completions_sent += unit.executes;
+        if log_send.tail.is_some() {
+            group.tail_at = Some(group.completions_sent);
+            group.tail_replies = [1, 1, 1];
+            group.completions_sent += 1;
+        }
+        if log_send.log_capture {
+            group.log_capture = true;
+            group.position_from_pending =
+                log_send.position_from_pending && !(continuing && inline_own > 0);
+        }
         group.changes.extend(unit.changes.iter().cloned());
         group.swallow_close_completes += closes;
         group.swallow_parse_completes += parses;
         group.injected.extend(injected);
-        if capture {
+        if capture && statement_mode {
+            // The position arrives with the unit's own replies.
+            self.captures_in_flight += 1;
+            self.holding = true;
+        } else if capture {
             if unit.copies || group.ddl_emit_pending {
                 // The node may be in COPY IN mode until the client sent its data: the position
                 // is read once the COPY is over. DDL emitted after the group counts as well.

@@ -13,9 +13,10 @@ mod relay;
 mod route;
 mod startup;
 mod state;
+mod statement;
 mod unit;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -143,6 +144,27 @@ struct Group {
     /// pgrelay's own group that finishes a client's: the client's ReadyForQuery, sent on
     /// when this group is over.
     release: Option<bytes::Bytes>,
+    /// Statement mode: completions (by index) of pgrelay's own Executes inside the client's
+    /// unit: their rows and CommandComplete are swallowed.
+    own_completions: Vec<usize>,
+    /// Statement mode: BindComplete replies of pgrelay's own Binds at the unit's start.
+    swallow_bind_completes: usize,
+    /// Statement mode: the completion index of pgrelay's log insert at the unit's end; its
+    /// Close, Parse and Bind replies (one each, still to come) are swallowed once every
+    /// client statement before it completed.
+    tail_at: Option<usize>,
+    tail_replies: [usize; 3],
+    /// Statement mode: the rows of one of pgrelay's statements in a simple query are arriving
+    /// (Some(true): the log insert's, which carry the position).
+    own_rows: Option<bool>,
+    /// Statement mode: this group's commit logged an entry; its ReadyForQuery completes the
+    /// capture of the position (from `position`, or from the log insert before it).
+    log_capture: bool,
+    position_from_pending: bool,
+    /// Statement mode: pgrelay's own log insert before a client's COMMIT.
+    log_insert: bool,
+    /// The error such an insert failed with, for the client.
+    error_frame: Option<bytes::Bytes>,
 }
 
 /// A node connection as the session uses it.
@@ -230,7 +252,20 @@ pub(crate) struct Session {
     /// Row mode: groups whose end may send a DDL message before anything else.
     ddl_emits_pending: usize,
     /// Row mode: the unit being discarded was refused; the server raises the refusal at its Sync.
-    refused_unit: Option<crate::routing::ddl::Refusal>,
+    refused_unit: Option<ddl::Raise>,
+    /// Statement mode: the statements to log for the transaction that is open on the leader
+    /// (a transaction block, or the implicit transaction of a unit sent in parts).
+    stx: Option<statement::LoggedTx>,
+    /// Statement mode: whether a transaction block is open once every unit sent has run.
+    in_block: bool,
+    /// Statement mode: portals bound to statements that are logged when they run.
+    log_portals: HashMap<String, statement::TxOp>,
+    /// Statement mode: the session's temporary tables (lowercase), whose writes are not logged.
+    temp_tables: HashSet<String>,
+    /// Statement mode: the seq of the entry pgrelay logged just before the client's COMMIT.
+    pending_seq: Option<u64>,
+    /// Statement mode: pgrelay's log insert failed: the error goes to the client with its COMMIT.
+    log_failure: Option<bytes::Bytes>,
 }
 
 /// A commit whose reply waits until enough followers applied its position.
@@ -300,6 +335,12 @@ impl Session {
             ddl_portals: HashMap::new(),
             ddl_emits_pending: 0,
             refused_unit: None,
+            stx: None,
+            in_block: false,
+            log_portals: HashMap::new(),
+            temp_tables: HashSet::new(),
+            pending_seq: None,
+            log_failure: None,
         }
     }
 
@@ -375,7 +416,20 @@ impl Session {
                     let names = rows
                         .into_iter()
                         .filter_map(|r| r.into_iter().next().flatten());
-                    let classifier = Arc::new(Classifier::new(names));
+                    let mut classifier = Classifier::new(names);
+                    if self.config.replication.mode == crate::config::ReplicationMode::Statement {
+                        match b.conn.simple_query(crate::routing::determinism::Catalog::LOAD_SQL).await {
+                            Ok(rows) => {
+                                classifier = classifier.with_catalog(
+                                    crate::routing::determinism::Catalog::from_rows(rows),
+                                );
+                            }
+                            Err(err) => {
+                                warn!(error = %err, "cannot load the database's column defaults and volatile functions")
+                            }
+                        }
+                    }
+                    let classifier = Arc::new(classifier);
                     self.shared
                         .classifiers
                         .insert(&self.database, classifier.clone());

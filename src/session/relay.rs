@@ -50,6 +50,9 @@ impl Session {
         } else {
             ddl::fix_reply(group, frame)
         };
+        if group.forward && swallow_own(group, &frame) {
+            return Ok(());
+        }
         match frame.tag() {
             tag::READY_FOR_QUERY => {
                 let status = be::parse_ready_for_query(&frame.body())
@@ -65,6 +68,13 @@ impl Session {
                 }
                 if group.capture {
                     self.capture_done(group.position);
+                    return Ok(());
+                }
+                if group.log_insert {
+                    self.pending_seq = if group.error { None } else { group.position };
+                    if let Some(e) = group.error_frame {
+                        self.log_failure = Some(e);
+                    }
                     return Ok(());
                 }
                 if let Some(ready) = &group.release {
@@ -103,10 +113,31 @@ impl Session {
                 if !group.preamble.is_empty() {
                     self.emit(&group.preamble);
                 }
+                // Statement mode: the commit of a logged transaction reached this position.
+                let logged = group.log_capture.then(|| {
+                    let position = if group.position_from_pending {
+                        self.pending_seq.take()
+                    } else {
+                        group.position
+                    };
+                    position.filter(|_| !group.error && !group.rolled_back)
+                });
+                if group.log_capture {
+                    if let Some(failure) = self.log_failure.take() {
+                        self.emit(&failure);
+                    }
+                }
                 if !release_later {
                     self.emit(frame.raw());
                 }
                 self.tx_status = status;
+                if !more_forwarding && self.open_unit.is_none() {
+                    // Every unit sent has run: the block state is the server's.
+                    self.in_block = status != TxStatus::Idle;
+                    if status == TxStatus::Idle {
+                        self.stx = None;
+                    }
+                }
                 if status == TxStatus::Idle {
                     self.tx_wrote = false;
                 }
@@ -118,10 +149,20 @@ impl Session {
                     TxStatus::Idle => {}
                 }
                 self.record_changes(node, group, status);
+                if let Some(position) = logged {
+                    self.capture_done(position);
+                }
                 return Ok(());
             }
             tag::ERROR_RESPONSE => {
                 group.error = true;
+                if group.log_insert {
+                    let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
+                    // In a failed transaction the client saw its own error already.
+                    if fields.code != sqlstate::IN_FAILED_SQL_TRANSACTION.code() {
+                        group.error_frame = Some(frame.raw().clone());
+                    }
+                }
                 if group.retry.is_some() && !group.forwarded {
                     // A node shutting down ends its connections with a FATAL error: a read that
                     // has not answered yet runs again elsewhere when the connection closes.
@@ -147,6 +188,13 @@ impl Session {
                     Some(b'C' | b'A' | b'D') if is_function_ddl(&body) => {
                         self.shared.classifiers.invalidate(&self.database);
                     }
+                    // Statement mode: tables and their defaults may have changed.
+                    Some(b'C' | b'A' | b'D')
+                        if self.config.replication.mode == crate::config::ReplicationMode::Statement
+                            && [&b"CREATE"[..], b"ALTER", b"DROP"].iter().any(|p| body.starts_with(p)) =>
+                    {
+                        self.shared.classifiers.invalidate(&self.database);
+                    }
                     _ => {}
                 }
             }
@@ -162,6 +210,11 @@ impl Session {
             }
             tag::DATA_ROW if group.capture => {
                 group.position = first_column(&frame.body()).and_then(parse_lsn);
+            }
+            tag::DATA_ROW if group.log_insert => {
+                if let Some(seq) = first_column(&frame.body()).and_then(|t| t.parse().ok()) {
+                    group.position = Some(seq);
+                }
             }
             tag::COPY_IN_RESPONSE if group.forward => {
                 self.copy_node = Some(node);
@@ -187,7 +240,7 @@ impl Session {
     }
 
     /// Sends bytes to the client, or holds them while a commit waits for followers.
-    fn emit(&mut self, bytes: &[u8]) {
+    pub(super) fn emit(&mut self, bytes: &[u8]) {
         if self.holding {
             self.held.extend_from_slice(bytes);
         } else {
@@ -348,6 +401,77 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// Statement mode: swallows the replies to pgrelay's own statements inside a client's unit
+/// (the ordering lock, the log insert), keeping the position the insert returns. True if the
+/// frame was pgrelay's.
+fn swallow_own(group: &mut Group, frame: &Frame) -> bool {
+    let t = frame.tag();
+    // Simple query: the rows of pgrelay's statements are marked by their column alias.
+    if t == tag::ROW_DESCRIPTION {
+        if let Some(seq) = super::statement::is_own_row_description(&frame.body()) {
+            group.own_rows = Some(seq);
+            return true;
+        }
+        return false;
+    }
+    if let Some(seq) = group.own_rows {
+        match t {
+            tag::DATA_ROW => {
+                if seq {
+                    if let Some(p) = first_column(&frame.body()).and_then(|t| t.parse().ok()) {
+                        group.position = Some(p);
+                    }
+                }
+                return true;
+            }
+            tag::COMMAND_COMPLETE => {
+                group.own_rows = None;
+                return true;
+            }
+            _ => return false,
+        }
+    }
+    if group.own_completions.is_empty() && group.tail_at.is_none() && group.swallow_bind_completes == 0 {
+        return false;
+    }
+    if t == tag::BIND_COMPLETE && group.swallow_bind_completes > 0 {
+        group.swallow_bind_completes -= 1;
+        return true;
+    }
+    let at_tail = group.tail_at == Some(group.completions);
+    if at_tail {
+        let slot = match t {
+            tag::CLOSE_COMPLETE => Some(0),
+            tag::PARSE_COMPLETE => Some(1),
+            tag::BIND_COMPLETE => Some(2),
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            if let Some(n) = group.tail_replies.get_mut(slot).filter(|n| **n > 0) {
+                *n -= 1;
+                return true;
+            }
+        }
+    }
+    let own = at_tail || group.own_completions.contains(&group.completions);
+    if !own {
+        return false;
+    }
+    match t {
+        tag::DATA_ROW => {
+            if let Some(p) = first_column(&frame.body()).and_then(|t| t.parse().ok()) {
+                group.position = Some(p);
+            }
+            true
+        }
+        tag::COMMAND_COMPLETE => {
+            group.completions += 1;
+            true
+        }
+        _ => false,
     }
 }
 

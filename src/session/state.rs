@@ -50,6 +50,14 @@ impl SessionState {
         }
     }
 
+    /// The `SET` statements among them (what changes the meaning of a statement).
+    pub fn settings(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().filter_map(|(k, t)| match k {
+            Key::Setting(_) => Some(t.as_str()),
+            _ => None,
+        })
+    }
+
     /// The statements to run on a new connection.
     pub fn replay(&self) -> Vec<String> {
         self.entries.iter().map(|(_, t)| t.clone()).collect()

@@ -62,6 +62,10 @@ pub struct Statement {
     pub setting: Option<super::overrides::Command>,
     /// Row mode: what happens to the statement on the leader, if it is DDL.
     pub ddl: Option<Arc<super::ddl::StatementDdl>>,
+    /// Statement mode: what is logged when the statement runs, and its parameter types.
+    pub log: Option<Arc<(super::statement::Plan, Vec<u32>)>>,
+    /// Statement mode: the Parse the leader gets instead of the client's (rewritten text).
+    pub leader_parse: Option<Bytes>,
 }
 
 /// Client messages collected for one routing decision.
@@ -98,6 +102,10 @@ pub struct Unit {
     /// Row mode: frames (by index) the leader gets rewritten, and the replies to fix.
     pub rewrites: Vec<(usize, Bytes)>,
     pub ddl: Vec<super::ddl::UnitDdl>,
+    /// Statement mode: what the unit's frames (by index) do to the logged transaction.
+    pub log_ops: Vec<(usize, super::statement::TxOp)>,
+    /// Statement mode: warnings for unsafe statements run anyway.
+    pub log_warnings: Vec<String>,
 }
 
 impl Default for Unit {
@@ -122,6 +130,8 @@ impl Default for Unit {
             executes: 0,
             rewrites: Vec::new(),
             ddl: Vec::new(),
+            log_ops: Vec::new(),
+            log_warnings: Vec::new(),
         }
     }
 }
