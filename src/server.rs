@@ -30,6 +30,8 @@ pub struct Shared {
     pub pool: Pool,
     pub cancels: CancelRegistry,
     pub classifiers: ClassifierCache,
+    /// Statement mode: databases whose statement log this process has set up on the leader.
+    pub statement_logs: Mutex<std::collections::HashSet<String>>,
     pub shutdown: CancellationToken,
     pub client_connections: AtomicUsize,
     pub positions: Arc<Positions>,
@@ -152,6 +154,7 @@ impl Server {
             pool: Pool::new(),
             cancels: CancelRegistry::default(),
             classifiers: ClassifierCache::default(),
+            statement_logs: Mutex::new(std::collections::HashSet::new()),
             shutdown: CancellationToken::new(),
             client_connections: AtomicUsize::new(0),
         });

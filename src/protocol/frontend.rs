@@ -242,6 +242,13 @@ pub fn close_statement(out: &mut BytesMut, name: &str) {
     });
 }
 
+pub fn close_portal(out: &mut BytesMut, name: &str) {
+    write_message(out, tag::CLOSE, |b| {
+        b.put_u8(b'P');
+        put_cstr(b, name.as_bytes());
+    });
+}
+
 /// Parse with the given parameter types (0: let the server infer).
 pub fn parse(out: &mut BytesMut, name: &str, sql: &str, param_types: &[u32]) {
     write_message(out, tag::PARSE, |b| {

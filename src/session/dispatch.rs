@@ -526,7 +526,7 @@ impl Session {
         if inline_own > 0 {
             let base = group.completions_sent;
             group.own_completions.extend(base..base + inline_own);
-            group.swallow_close_completes += inline_own;
+            group.swallow_close_completes += 2 * inline_own;
             group.swallow_parse_completes += inline_own;
             group.swallow_bind_completes += inline_own;
             group.completions_sent += inline_own;
@@ -534,7 +534,7 @@ impl Session {
         group.completions_sent += unit.executes;
         if log_send.tail.is_some() {
             group.tail_at = Some(group.completions_sent);
-            group.tail_replies = [1, 1, 1];
+            group.tail_replies = [2, 1, 1];
             group.completions_sent += 1;
         }
         if log_send.log_capture {

@@ -150,8 +150,8 @@ struct Group {
     /// Statement mode: BindComplete replies of pgrelay's own Binds at the unit's start.
     swallow_bind_completes: usize,
     /// Statement mode: the completion index of pgrelay's log insert at the unit's end; its
-    /// Close, Parse and Bind replies (one each, still to come) are swallowed once every
-    /// client statement before it completed.
+    /// CloseComplete (two), ParseComplete and BindComplete replies still to come are
+    /// swallowed once every client statement before it completed.
     tail_at: Option<usize>,
     tail_replies: [usize; 3],
     /// Statement mode: the rows of one of pgrelay's statements in a simple query are arriving
@@ -405,6 +405,9 @@ impl Session {
             return;
         }
         let leader = self.shared.nodes.leader();
+        if self.config.replication.mode == crate::config::ReplicationMode::Statement {
+            self.ensure_statement_log().await;
+        }
         let Some(mut b) = self.backends.get_mut(leader).and_then(|b| b.take()) else {
             // No leader connection yet (the session started on a follower): later.
             self.reload_classifier = true;
@@ -444,6 +447,47 @@ impl Session {
         }
         if let Some(slot) = self.backends.get_mut(leader) {
             *slot = Some(b);
+        }
+    }
+
+    /// Statement mode: creates the database's statement log on the leader (as the
+    /// replication user) unless this process did already.
+    async fn ensure_statement_log(&mut self) {
+        let ready = |shared: &Shared, db: &str| {
+            shared
+                .statement_logs
+                .lock()
+                .map(|s| s.contains(db))
+                .unwrap_or(false)
+        };
+        if ready(&self.shared, &self.database) {
+            return;
+        }
+        let setup = async {
+            let mut conn = crate::backend::connect_own(
+                &self.config,
+                self.shared.nodes.leader(),
+                &self.database,
+                "pgrelay setup",
+                false,
+            )
+            .await?;
+            let result = conn
+                .query(&crate::replication::statement::log::leader_setup_sql())
+                .await
+                .map_err(|e| e.message);
+            conn.terminate().await;
+            result
+        };
+        match setup.await {
+            Ok(_) => {
+                if let Ok(mut s) = self.shared.statement_logs.lock() {
+                    s.insert(self.database.to_string());
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot set up the statement log on the leader; writes will fail until it exists")
+            }
         }
     }
 

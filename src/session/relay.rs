@@ -172,7 +172,7 @@ impl Session {
                         return Ok(());
                     }
                 }
-                if !group.forward {
+                if !group.forward && !(group.log_insert && group.error_frame.is_none()) {
                     // pgrelay's own statement failed (a replayed SET, a statement prepared
                     // again): the client's next statement on this node will show the effect.
                     let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();
@@ -441,7 +441,9 @@ fn swallow_own(group: &mut Group, frame: &Frame) -> bool {
         group.swallow_bind_completes -= 1;
         return true;
     }
-    let at_tail = group.tail_at == Some(group.completions);
+    // The insert's replies come after every client statement's (it is sent right before the
+    // Sync); its portal's CloseComplete after its own CommandComplete.
+    let at_tail = group.tail_at.is_some_and(|t| group.completions >= t);
     if at_tail {
         let slot = match t {
             tag::CLOSE_COMPLETE => Some(0),
@@ -456,7 +458,8 @@ fn swallow_own(group: &mut Group, frame: &Frame) -> bool {
             }
         }
     }
-    let own = at_tail || group.own_completions.contains(&group.completions);
+    let own = group.tail_at == Some(group.completions)
+        || group.own_completions.contains(&group.completions);
     if !own {
         return false;
     }

@@ -145,7 +145,7 @@ fn words(sql: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Commands that change nothing a follower must repeat.
+/// Commands that change nothing a follower must repeat (or that only the leader may run).
 const NOT_LOGGED: &[&str] = &[
     "vacuum",
     "analyze",
@@ -168,11 +168,10 @@ const NOT_LOGGED: &[&str] = &[
     "move",
     "close",
     "declare",
-    "select",
-    "values",
-    "table",
-    "explain",
 ];
+
+/// Reads, unless they call something that writes.
+const READS: &[&str] = &["select", "values", "table", "explain"];
 
 /// What the session needs to plan a statement.
 pub struct PlanContext<'a> {
@@ -250,7 +249,7 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
             });
         }
     }
-    if NOT_LOGGED.contains(&first) && !c.writes {
+    if NOT_LOGGED.contains(&first) || (READS.contains(&first) && !c.writes) {
         return Plan::Skip;
     }
     if matches!(
@@ -341,8 +340,9 @@ pub fn insert_literal_sql(settings: &str, statements: &str) -> String {
         .replace("RETURNING seq", &format!("RETURNING seq AS \"{SEQ_ALIAS}\""))
 }
 
-/// Appends Close, Parse, Bind and Execute of pgrelay's log insert (named statement and
-/// portal, so the client's unnamed ones stay) to `out`.
+/// Appends Close, Parse, Bind, Execute and Close (of the portal) of pgrelay's log insert
+/// (named statement and portal, so the client's unnamed ones stay) to `out`: two
+/// CloseComplete, one ParseComplete, one BindComplete to swallow.
 pub fn write_log_insert(out: &mut BytesMut, settings: &str, statements: &str, copies: &[Vec<u8>]) {
     fe::close_statement(out, LOG_STATEMENT);
     fe::parse(out, LOG_STATEMENT, log::INSERT_SQL, &[]);
@@ -354,14 +354,16 @@ pub fn write_log_insert(out: &mut BytesMut, settings: &str, statements: &str, co
     ];
     fe::bind(out, LOG_STATEMENT, LOG_STATEMENT, &[], params.into_iter());
     fe::execute_portal(out, LOG_STATEMENT);
+    fe::close_portal(out, LOG_STATEMENT);
 }
 
-/// Appends Close, Parse, Bind and Execute of the ordering lock to `out`.
+/// Appends the ordering lock to `out`, like [`write_log_insert`].
 pub fn write_lock(out: &mut BytesMut) {
     fe::close_statement(out, LOCK_STATEMENT);
     fe::parse(out, LOCK_STATEMENT, &log::order_lock_sql(), &[]);
     fe::bind(out, LOCK_STATEMENT, LOCK_STATEMENT, &[], std::iter::empty());
     fe::execute_portal(out, LOCK_STATEMENT);
+    fe::close_portal(out, LOCK_STATEMENT);
 }
 
 /// A logged statement from a Bind of a statement whose plan is [`Plan::Log`].
@@ -741,7 +743,13 @@ impl Session {
         let mut in_block = self.in_block;
         let mut began_here = false;
         // Statements run in this unit's implicit transaction (no block).
-        let mut implicit = self.stx.take().filter(|s| s.implicit).unwrap_or_default();
+        let mut implicit = match self.stx.take() {
+            Some(s) if s.implicit => s,
+            other => {
+                self.stx = other;
+                LoggedTx::default()
+            }
+        };
         let mut implicit_used = implicit.implicit;
         let mut head_lock = false;
         let mut query_sql: Option<(usize, String)> = None;

@@ -81,7 +81,10 @@ $f$;
 "#;
 
 /// Creates the log on the leader (with the functions), under [`SETUP_LOCK`], in one
-/// transaction: safe when several sessions or pgrelay processes race.
+/// transaction: safe when several sessions or pgrelay processes race. Every role may insert
+/// (sessions log as the client's user) and read back only `seq`; a trigger records the
+/// inserting session's user as `role`, so an entry replays with no more rights than its
+/// author had on the leader.
 pub fn leader_setup_sql() -> String {
     format!(
         "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock({SETUP_LOCK}); {FUNCTIONS_SQL};
@@ -94,6 +97,15 @@ CREATE TABLE IF NOT EXISTS pgrelay.statement_log (
   statements jsonb NOT NULL,
   gen_values text,
   copy_data bytea[]);
+CREATE OR REPLACE FUNCTION pgrelay.statement_log_role() RETURNS trigger LANGUAGE plpgsql AS
+$f$ BEGIN NEW.role := session_user; RETURN NEW; END $f$;
+DROP TRIGGER IF EXISTS statement_log_role ON pgrelay.statement_log;
+CREATE TRIGGER statement_log_role BEFORE INSERT ON pgrelay.statement_log
+  FOR EACH ROW EXECUTE FUNCTION pgrelay.statement_log_role();
+REVOKE ALL ON pgrelay.statement_log FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgrelay TO PUBLIC;
+GRANT INSERT, SELECT (seq) ON pgrelay.statement_log TO PUBLIC;
+GRANT USAGE ON SEQUENCE pgrelay.statement_seq TO PUBLIC;
 COMMIT"
     )
 }
