@@ -172,7 +172,7 @@ impl Session {
                         return Ok(());
                     }
                 }
-                if !group.forward && !(group.log_insert && group.error_frame.is_none()) {
+                if !(group.forward || group.log_insert && group.error_frame.is_none()) {
                     // pgrelay's own statement failed (a replayed SET, a statement prepared
                     // again): the client's next statement on this node will show the effect.
                     let fields = be::parse_error_fields(&frame.body()).unwrap_or_default();

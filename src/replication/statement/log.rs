@@ -167,8 +167,9 @@ fn hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     out.reserve(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
+        for d in [b >> 4, b & 15] {
+            out.push(char::from(DIGITS.get(usize::from(d)).copied().unwrap_or(b'0')));
+        }
     }
 }
 
