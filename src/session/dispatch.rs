@@ -45,7 +45,7 @@ impl Session {
                     self.plan_query_ddl(sql, temp);
                 }
                 if self.statement_mode() {
-                    self.plan_query_log(sql, &c);
+                    self.plan_query_log(sql);
                 }
                 self.unit.merge(class);
                 self.unit.changes.extend(c.session_changes);
@@ -330,6 +330,9 @@ impl Session {
                     }
                 }
                 self.unit.log_ops.retain(|(f, _)| *f < kept);
+                if self.unit.log_query.as_ref().is_some_and(|(f, _)| *f >= kept) {
+                    self.unit.log_query = None;
+                }
                 if self.unit.frames.is_empty() {
                     // The message is handled (and classified) again later; a unit of other
                     // messages keeps its already merged, more conservative flags.

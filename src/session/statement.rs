@@ -332,11 +332,16 @@ pub fn dollar_literal(text: &str) -> String {
 }
 
 /// The log insert with literal values, for a simple query string.
-pub fn insert_literal_sql(settings: &str, statements: &str) -> String {
+pub fn insert_literal_sql(settings: &str, statements: &str, copies: &[Vec<u8>]) -> String {
+    let copies = if copies.is_empty() {
+        "NULL".to_owned()
+    } else {
+        dollar_literal(&log::encode_copy_data(copies))
+    };
     log::INSERT_SQL
         .replace("$1::jsonb", &format!("{}::jsonb", dollar_literal(settings)))
         .replace("$2::jsonb", &format!("{}::jsonb", dollar_literal(statements)))
-        .replace("$3::bytea[]", "NULL::bytea[]")
+        .replace("$3::bytea[]", &format!("{copies}::bytea[]"))
         .replace("RETURNING seq", &format!("RETURNING seq AS \"{SEQ_ALIAS}\""))
 }
 
@@ -510,27 +515,13 @@ impl Session {
         format!(
             "BEGIN; {}; {}; COMMIT",
             log::order_lock_sql(),
-            insert_literal_sql(&settings, &statements)
+            insert_literal_sql(&settings, &statements, &[])
         )
     }
 }
 
 fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
-}
-
-/// The simple query string that runs `sql` outside a transaction block with the log's
-/// statements around it: the lock first (with `serialize_writes`), the log insert last. The
-/// returned offset is where the client's text starts.
-pub fn autocommit_query(sql: &str, settings: &str, statements: &str, serialize: bool) -> (String, usize) {
-    let lock = format!("{} AS \"{LOCK_ALIAS}\"", log::order_lock_sql());
-    let head = if serialize { format!("{lock};\n") } else { String::new() };
-    let tail_lock = if serialize { String::new() } else { format!("{lock};\n") };
-    let out = format!(
-        "{head}{sql}\n;\n{tail_lock}{}",
-        insert_literal_sql(settings, statements)
-    );
-    (out, head.len())
 }
 
 /// A Query frame's bytes for `sql`.
@@ -581,15 +572,6 @@ mod tests {
         let sql: Vec<_> = tx.statements.iter().map(|s| s.sql.as_str()).collect();
         assert_eq!(sql, ["a", "c", "d"]);
     }
-
-    #[test]
-    fn autocommit_wraps_the_client_text() {
-        let (q, offset) = autocommit_query("INSERT INTO t VALUES (1) -- c", "[]", "[]", true);
-        assert!(q.starts_with("SELECT pg_catalog.pg_advisory_xact_lock("));
-        assert_eq!(&q[offset..offset + 6], "INSERT");
-        assert!(q.contains("-- c\n;\nINSERT INTO pgrelay.statement_log"));
-        assert!(q.contains("RETURNING seq AS \"pgrelay.seq\""));
-    }
 }
 
 /// The log operation a Bind of a statement planned as `plan` will do when its portal runs.
@@ -636,45 +618,60 @@ pub fn copy_outside_block() -> Raise {
 }
 
 impl Session {
-    /// Plans a simple query string that joins the unit as its next frame.
-    pub(super) fn plan_query_log(&mut self, sql: &str, c: &Classification) {
+    /// Plans a simple query string that joins the unit as its next frame, statement by
+    /// statement; the string pgrelay sends instead is built when the unit is sent.
+    pub(super) fn plan_query_log(&mut self, sql: &str) {
         use super::ddl::{Reply, UnitDdl};
-        self.note_temp_tables(sql);
+        use crate::routing::classify::statement_spans;
+        use crate::routing::lexer::StringMode;
         let frame = self.unit.frames.len();
-        let op = match self.plan_statement(sql, c) {
-            Plan::Skip => return,
-            Plan::Log { sql: logged, copy, warning } => {
-                let begins = self.unit.log_ops.iter().any(|(_, o)| matches!(o, TxOp::Begin));
-                if copy && !self.in_block && !begins && c.begin.is_none() {
+        // Text that does not lex is rejected by the server as a whole.
+        let Ok(spans) = statement_spans(sql, StringMode::Standard) else {
+            return;
+        };
+        let mut in_block = self.in_block;
+        let mut statements = Vec::with_capacity(spans.len());
+        let mut copy_pending = false;
+        for &(a, b) in &spans {
+            let Some(text) = sql.get(a..b) else { return };
+            self.note_temp_tables(text);
+            let c = self.classifier.classify(text);
+            let plan = self.plan_statement(text, &c);
+            match &plan {
+                Plan::Refuse(r) => return self.refuse_query(frame, r.clone()),
+                Plan::AfterSuccess { sql: s } if spans.len() == 1 => {
+                    let emit = self.after_success_log_sql(s);
+                    self.unit.ddl.push(UnitDdl {
+                        frame,
+                        index: self.unit.executes,
+                        reply: Arc::new(Reply::EmitAfter { sql: emit }),
+                    });
+                    return;
+                }
+                Plan::Log { copy: true, .. } if !in_block => {
                     return self.refuse_query(frame, copy_outside_block());
                 }
-                if let Some(w) = warning {
-                    self.unit.log_warnings.push(w);
+                Plan::Log { copy: true, .. } => copy_pending = true,
+                Plan::Log { warning: Some(w), .. } => self.unit.log_warnings.push(w.clone()),
+                Plan::Begin => in_block = true,
+                Plan::Commit if copy_pending => {
+                    // The COPY's data arrives after the string is sent: too late to log it
+                    // before this COMMIT.
+                    return self.refuse_query(frame, Raise {
+                        message: "COPY ... FROM STDIN and COMMIT in one query string are not supported in pgrelay's statement replication mode".into(),
+                        detail: "pgrelay logs the COPY's data before the COMMIT that follows it.".into(),
+                        hint: "Send the COMMIT as a query of its own.".into(),
+                    });
                 }
-                TxOp::Log(LoggedStatement {
-                    sql: logged,
-                    extended: None,
-                    copy: copy.then_some(0),
-                })
+                Plan::Commit | Plan::Rollback => in_block = false,
+                _ => {}
             }
-            Plan::AfterSuccess { sql } => {
-                let emit = self.after_success_log_sql(&sql);
-                self.unit.ddl.push(UnitDdl {
-                    frame,
-                    index: self.unit.executes,
-                    reply: Arc::new(Reply::EmitAfter { sql: emit }),
-                });
-                return;
-            }
-            Plan::Refuse(r) => return self.refuse_query(frame, r),
-            Plan::Begin => TxOp::Begin,
-            Plan::Commit => TxOp::Commit,
-            Plan::Rollback => TxOp::Rollback,
-            Plan::Savepoint(n) => TxOp::Savepoint(n),
-            Plan::RollbackTo(n) => TxOp::RollbackTo(n),
-            Plan::Release(n) => TxOp::Release(n),
-        };
-        self.unit.log_ops.push((frame, op));
+            statements.push((text.to_owned(), plan));
+        }
+        if statements.iter().all(|(_, p)| matches!(p, Plan::Skip | Plan::AfterSuccess { .. })) {
+            return;
+        }
+        self.unit.log_query = Some((frame, statements));
     }
 
     /// Whether `op` is a COPY that would run outside a transaction block.
@@ -732,10 +729,111 @@ impl Session {
         }
     }
 
+    /// The text that runs a planned simple query string with pgrelay's statements in it: the
+    /// ordering lock before the first logged statement of a transaction (with
+    /// `serialize_writes`, else before the log insert), the log insert before each COMMIT of a
+    /// block that wrote and at the end of an implicit transaction that wrote. Returns whether
+    /// the string commits a logged transaction.
+    fn query_log_text(&mut self, statements: &[(String, Plan)], settings: &[String]) -> (String, bool) {
+        let serialize = self.config.statement.serialize_writes;
+        let lock = format!("{} AS \"{LOCK_ALIAS}\"", log::order_lock_sql());
+        let mut out = String::new();
+        let push = |out: &mut String, text: &str| {
+            out.push_str(text);
+            out.push_str(";\n");
+        };
+        let insert = |out: &mut String, tx: &LoggedTx| {
+            if !tx.locked {
+                push(out, &lock);
+            }
+            push(
+                out,
+                &insert_literal_sql(
+                    &log::encode_settings(&tx.settings),
+                    &log::encode_statements(&tx.statements),
+                    &tx.copies,
+                ),
+            );
+        };
+        let mut in_block = self.in_block;
+        let mut implicit: Option<LoggedTx> = None;
+        let mut capture = false;
+        for (text, plan) in statements {
+            match plan {
+                Plan::Begin => {
+                    push(&mut out, text);
+                    in_block = true;
+                    // BEGIN turns the implicit transaction into the block.
+                    if let Some(tx) = implicit.take() {
+                        self.stx = Some(tx);
+                    }
+                }
+                Plan::Log { sql, copy, .. } => {
+                    let op = TxOp::Log(LoggedStatement {
+                        sql: sql.clone(),
+                        extended: None,
+                        copy: copy.then_some(0),
+                    });
+                    let tx = if in_block {
+                        self.stx.get_or_insert_with(|| LoggedTx {
+                            settings: settings.to_vec(),
+                            ..LoggedTx::default()
+                        })
+                    } else {
+                        implicit.get_or_insert_with(|| LoggedTx {
+                            settings: settings.to_vec(),
+                            ..LoggedTx::default()
+                        })
+                    };
+                    if serialize && !tx.locked {
+                        push(&mut out, &lock);
+                        tx.locked = true;
+                    }
+                    tx.apply(&op);
+                    push(&mut out, sql);
+                }
+                Plan::Commit => {
+                    if let Some(tx) = self.stx.take() {
+                        if !tx.statements.is_empty() {
+                            insert(&mut out, &tx);
+                            capture = true;
+                        }
+                    }
+                    push(&mut out, text);
+                    in_block = false;
+                }
+                Plan::Rollback => {
+                    self.stx = None;
+                    push(&mut out, text);
+                    in_block = false;
+                }
+                Plan::Savepoint(n) | Plan::RollbackTo(n) | Plan::Release(n) => {
+                    if let Some(tx) = self.stx.as_mut() {
+                        tx.apply(&match plan {
+                            Plan::Savepoint(_) => TxOp::Savepoint(n.clone()),
+                            Plan::RollbackTo(_) => TxOp::RollbackTo(n.clone()),
+                            _ => TxOp::Release(n.clone()),
+                        });
+                    }
+                    push(&mut out, text);
+                }
+                Plan::Skip | Plan::AfterSuccess { .. } | Plan::Refuse(_) => push(&mut out, text),
+            }
+        }
+        if let Some(tx) = implicit {
+            if !tx.statements.is_empty() {
+                insert(&mut out, &tx);
+                capture = true;
+            }
+        }
+        self.in_block = in_block;
+        (out, capture)
+    }
+
     /// What to send with `unit` on the leader, and what it does to the logged transaction.
     pub(super) fn plan_log_send(&mut self, unit: &super::unit::Unit) -> LogSend {
         let mut send = LogSend::default();
-        if unit.log_ops.is_empty() {
+        if unit.log_ops.is_empty() && unit.log_query.is_none() {
             return send;
         }
         let serialize = self.config.statement.serialize_writes;
@@ -752,17 +850,16 @@ impl Session {
         };
         let mut implicit_used = implicit.implicit;
         let mut head_lock = false;
-        let mut query_sql: Option<(usize, String)> = None;
-        for (frame, op) in &unit.log_ops {
-            if let TxOp::Log(s) = op {
-                if s.extended.is_none() {
-                    query_sql = Some((*frame, s.sql.clone()));
-                }
-            }
+        for (_, op) in &unit.log_ops {
             match op {
                 TxOp::Begin => {
                     in_block = true;
                     began_here = true;
+                    // BEGIN turns the implicit transaction into the block.
+                    if implicit_used {
+                        self.stx = Some(std::mem::take(&mut implicit));
+                        implicit_used = false;
+                    }
                 }
                 TxOp::Log(_) if !in_block => {
                     if !implicit_used {
@@ -770,6 +867,7 @@ impl Session {
                         implicit_used = true;
                         if serialize {
                             head_lock = true;
+                            implicit.locked = true;
                         }
                     }
                     implicit.apply(op);
@@ -826,44 +924,28 @@ impl Session {
                 }
             }
         }
-        // A simple query: pgrelay's statements join the client's text.
-        if let Some((frame, sql)) = query_sql {
-            if implicit_used && !in_block {
-                let (text, _) = autocommit_query(
-                    &sql,
-                    &log::encode_settings(&implicit.settings),
-                    &log::encode_statements(&implicit.statements),
-                    serialize,
-                );
-                send.query_override = Some((frame, text));
-                send.log_capture = true;
-                implicit_used = false;
-            } else if head_lock {
-                send.query_override = Some((
-                    frame,
-                    format!("{} AS \"{LOCK_ALIAS}\";\n{sql}", log::order_lock_sql()),
-                ));
-            } else {
-                send.query_override = Some((frame, sql));
-            }
-        } else {
-            if head_lock {
-                let mut out = BytesMut::new();
-                write_lock(&mut out);
-                send.head = Some(out.freeze());
-            }
-            if implicit_used && unit.ends_with_sync {
-                let mut out = BytesMut::new();
-                write_log_insert(
-                    &mut out,
-                    &log::encode_settings(&implicit.settings),
-                    &log::encode_statements(&implicit.statements),
-                    &[],
-                );
-                send.tail = Some(out.freeze());
-                send.log_capture = true;
-                implicit_used = false;
-            }
+        if let Some((frame, statements)) = &unit.log_query {
+            let (text, capture) = self.query_log_text(statements, &settings);
+            send.query_override = Some((*frame, text));
+            send.log_capture = capture;
+            return send;
+        }
+        if head_lock {
+            let mut out = BytesMut::new();
+            write_lock(&mut out);
+            send.head = Some(out.freeze());
+        }
+        if implicit_used && unit.ends_with_sync {
+            let mut out = BytesMut::new();
+            write_log_insert(
+                &mut out,
+                &log::encode_settings(&implicit.settings),
+                &log::encode_statements(&implicit.statements),
+                &[],
+            );
+            send.tail = Some(out.freeze());
+            send.log_capture = true;
+            implicit_used = false;
         }
         if implicit_used {
             // The unit's rest (after a Flush) comes later: its Sync logs these.

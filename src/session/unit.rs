@@ -106,6 +106,8 @@ pub struct Unit {
     pub log_ops: Vec<(usize, super::statement::TxOp)>,
     /// Statement mode: warnings for unsafe statements run anyway.
     pub log_warnings: Vec<String>,
+    /// Statement mode: a simple query's frame index and its statements, planned.
+    pub log_query: Option<(usize, Vec<(String, super::statement::Plan)>)>,
 }
 
 impl Default for Unit {
@@ -132,6 +134,7 @@ impl Default for Unit {
             ddl: Vec::new(),
             log_ops: Vec::new(),
             log_warnings: Vec::new(),
+            log_query: None,
         }
     }
 }
