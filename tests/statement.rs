@@ -1,0 +1,577 @@
+//! Statement mode end to end: clients write through pgrelay, pgrelay logs their statements
+//! (made deterministic) and replays them on empty followers it bootstrapped, and the followers
+//! converge to exactly the leader's rows: with serial keys, time and random defaults, under
+//! load, through a kill -9 of pgrelay, a follower outage and DDL; unsafe statements are
+//! refused with 0A000 (or run with a warning when allowed).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::row::{
+    assert_converged, leader_database, row_cluster, start_row_cluster, value_on, ProxyProcess,
+};
+use common::{
+    connect_direct, connect_proxy, metric, pg_command, proxy_config, scrape, sqlstate,
+    start_proxy_with_metrics, ClusterInfo,
+};
+use common::SUPERUSER;
+use pgrelay::cluster::{self, NodeInfo};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// A statement-mode config that replicates `db` only; `extra` adds sections (a leading
+/// `[replication]` adds keys to ours).
+fn statement_config(info: &ClusterInfo, db: &str, extra: &str) -> String {
+    let mut sections = format!(
+        "\n[replication]\nmode = \"statement\"\nuser = \"{SUPERUSER}\"\ndatabases = [\"{db}\"]\n"
+    );
+    match extra.strip_prefix("[replication]\n") {
+        Some(rest) => sections.push_str(rest),
+        None => sections.push_str(extra),
+    }
+    proxy_config(&info.leader, &info.followers, &sections)
+}
+
+/// The seq `follower` recorded for `db`, once its bootstrap finished.
+async fn applied_seq(follower: &NodeInfo, db: &str) -> Option<i64> {
+    let (client, conn) = tokio_postgres::connect(
+        &common::direct_conn_string(follower, db),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+        .query_opt(
+            "SELECT seq FROM pgrelay.applied WHERE source = 'statement' AND seq IS NOT NULL",
+            &[],
+        )
+        .await
+        .ok()??
+        .get(0)
+}
+
+async fn wait_bootstrapped(followers: &[NodeInfo], db: &str) {
+    for f in followers {
+        common::wait_until(Duration::from_secs(60), || async {
+            applied_seq(f, db).await.is_some()
+        })
+        .await;
+    }
+}
+
+/// Tables created on the leader before pgrelay starts (the bootstrap copies them).
+const SCHEMA: &str = "
+    CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, note text);
+    CREATE TABLE ledger (account int, amount bigint, at timestamptz DEFAULT now());
+    INSERT INTO accounts SELECT g, 1000, 'n' || g FROM generate_series(1, 2000) g;
+    INSERT INTO ledger (account, amount) SELECT g % 50, g FROM generate_series(1, 500) g;
+";
+
+/// A database with [`SCHEMA`] and a pgrelay replicating it, bootstrapped.
+async fn setup(prefix: &str, extra: &str) -> (&'static ClusterInfo, String, SocketAddr, SocketAddr) {
+    let info = row_cluster();
+    let db = leader_database(&info.leader, prefix).await;
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
+    let (addr, metrics) = start_proxy_with_metrics(statement_config(info, &db, extra)).await;
+    wait_bootstrapped(&info.followers, &db).await;
+    (info, db, addr, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_keys_time_and_random_defaults_leave_identical_rows() {
+    let (info, db, addr, _) = setup("determinism", "").await;
+    let c = connect_proxy(addr, &db).await;
+    c.batch_execute(
+        "CREATE TABLE items (
+            id serial PRIMARY KEY,
+            created_at timestamptz DEFAULT now(),
+            uid uuid DEFAULT gen_random_uuid(),
+            ident bigint GENERATED ALWAYS AS IDENTITY,
+            note text,
+            r float8,
+            day date DEFAULT CURRENT_DATE)",
+    )
+    .await
+    .unwrap();
+    // Simple protocol, one and many rows, DEFAULT keywords, explicit now() and random().
+    c.batch_execute(
+        "INSERT INTO items (note) VALUES ('simple');
+         INSERT INTO items (note, r) VALUES ('many', 1), ('rows', 2), ('here', 3);
+         INSERT INTO items VALUES (DEFAULT, DEFAULT, DEFAULT, DEFAULT, 'keywords', random());
+         INSERT INTO items (note, created_at) VALUES ('clock', now() + interval '1 hour');
+         INSERT INTO items DEFAULT VALUES",
+    )
+    .await
+    .unwrap();
+    // A transaction that rolls back still takes sequence values on the leader.
+    c.batch_execute("BEGIN; INSERT INTO items (note) VALUES ('gone'); ROLLBACK")
+        .await
+        .unwrap();
+    // Extended protocol (tokio-postgres prepares), the same statement run many times: each run
+    // gets its own time and its own values.
+    let insert = c
+        .prepare("INSERT INTO items (note, r) VALUES ($1, random())")
+        .await
+        .unwrap();
+    for i in 0..20 {
+        c.execute(&insert, &[&format!("prepared {i}")]).await.unwrap();
+    }
+    let mut tx_client = connect_proxy(addr, &db).await;
+    let tx = tx_client.transaction().await.unwrap();
+    tx.execute("INSERT INTO items (note) VALUES ($1)", &[&"in a transaction"])
+        .await
+        .unwrap();
+    tx.execute("UPDATE items SET note = note || '!' WHERE id = $1", &[&1i32])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    // The followers' sequences stand where the leader's does, so a promoted follower does
+    // not hand out keys the leader already gave.
+    let leader_seq: i64 = value_on(&info.leader, &db, "SELECT last_value FROM items_id_seq").await;
+    assert!(leader_seq >= 30, "{leader_seq}");
+    for f in &info.followers {
+        let theirs: i64 = value_on(f, &db, "SELECT last_value FROM items_id_seq").await;
+        assert_eq!(theirs, leader_seq, "sequence on {}", f.name);
+    }
+    // Each prepared run had fresh values.
+    let distinct: i64 = value_on(
+        &info.leader,
+        &db,
+        "SELECT count(DISTINCT uid) FROM items WHERE note LIKE 'prepared%'",
+    )
+    .await;
+    assert_eq!(distinct, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_statements_are_refused_with_0a000_naming_the_construct() {
+    let (info, db, addr, _) = setup("unsafe", "").await;
+    let c = connect_proxy(addr, &db).await;
+    c.batch_execute(
+        "CREATE TABLE items (id serial PRIMARY KEY, note text, r float8, at timestamptz);
+         CREATE FUNCTION pick() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 4';",
+    )
+    .await
+    .unwrap();
+    let cases = [
+        ("UPDATE accounts SET balance = (random() * 10)::int", "random()"),
+        ("INSERT INTO items (note) SELECT 'x' FROM generate_series(1, 3)", "INSERT"),
+        ("INSERT INTO items (at) VALUES (clock_timestamp())", "clock_timestamp"),
+        ("UPDATE accounts SET balance = pick() WHERE id = 1", "pick"),
+    ];
+    for (sql, construct) in cases {
+        let err = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        let message = common::error_message(&err);
+        assert!(message.contains(construct), "{sql}: {message}");
+        // Extended protocol too.
+        let err = c.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql} (extended): {err:?}");
+    }
+    // In a transaction block the refusal fails the transaction like any error.
+    let err = c
+        .batch_execute("BEGIN; INSERT INTO items (note) VALUES ('kept?'); UPDATE accounts SET balance = pick()")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // Nothing of it reached anyone; the session goes on.
+    c.batch_execute("INSERT INTO items (note) VALUES ('after')")
+        .await
+        .unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    let n: i64 = value_on(&info.leader, &db, "SELECT count(*) FROM items").await;
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_statements_run_with_a_warning_when_allowed() {
+    let (info, db, addr, metrics) = setup("allow", "[statement]\nunsafe = \"allow\"\n").await;
+    let (c, mut notices) = common::connect_proxy_with_messages(addr, &db).await;
+    c.batch_execute("UPDATE accounts SET note = 'seen at ' || clock_timestamp() WHERE id = 1")
+        .await
+        .unwrap();
+    let warning = match notices.recv().await.unwrap() {
+        tokio_postgres::AsyncMessage::Notice(n) => n.message().to_owned(),
+        other => panic!("expected a warning, got {other:?}"),
+    };
+    assert!(warning.contains("clock_timestamp"), "{warning}");
+    // The statement reached the followers (with their own clock: that is the warning).
+    for f in &info.followers {
+        common::wait_until(CONVERGE, || async {
+            let note: String =
+                value_on(f, &db, "SELECT note FROM accounts WHERE id = 1").await;
+            note.starts_with("seen at")
+        })
+        .await;
+    }
+    let text = scrape(metrics).await;
+    assert_eq!(metric(&text, "pgrelay_unsafe_statements_total"), Some(1.0), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_rolled_back_to_a_savepoint_are_not_replayed() {
+    let (info, db, addr, _) = setup("savepoint", "").await;
+    let c = connect_proxy(addr, &db).await;
+    c.batch_execute(
+        "BEGIN;
+         UPDATE accounts SET balance = balance + 1 WHERE id = 1;
+         SAVEPOINT a;
+         UPDATE accounts SET balance = balance + 100 WHERE id = 1;
+         SAVEPOINT b;
+         DELETE FROM accounts WHERE id = 2;
+         ROLLBACK TO SAVEPOINT a;
+         UPDATE accounts SET balance = balance + 10 WHERE id = 1;
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    // The same through the extended protocol, one statement per round trip.
+    let mut c2 = connect_proxy(addr, &db).await;
+    let mut tx = c2.transaction().await.unwrap();
+    tx.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 3", &[])
+        .await
+        .unwrap();
+    let sp = tx.savepoint("inner").await.unwrap();
+    sp.execute("DELETE FROM accounts WHERE id = 3", &[]).await.unwrap();
+    sp.rollback().await.unwrap();
+    tx.commit().await.unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    let b: i64 = value_on(&info.followers[0], &db, "SELECT balance FROM accounts WHERE id = 1").await;
+    assert_eq!(b, 1011);
+    let n: i64 = value_on(&info.followers[1], &db, "SELECT count(*) FROM accounts WHERE id IN (2, 3)").await;
+    assert_eq!(n, 2);
+}
+
+/// Rows in the ledger table, as `client`'s node has them.
+async fn ledger_rows(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Writes through pgrelay until told to stop: each transaction moves money and appends to the
+/// keyless ledger (a duplicated replay would show). Returns how many commits succeeded.
+async fn load(addr: SocketAddr, db: String, stop: tokio::sync::watch::Receiver<bool>) -> u64 {
+    let mut committed = 0;
+    let mut client = None;
+    let mut i: i32 = 0;
+    while !*stop.borrow() {
+        if client.is_none() {
+            match tokio_postgres::connect(&common::proxy_conn_string(addr, &db), tokio_postgres::NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    client = Some(c);
+                }
+                Err(_) => {
+                    // pgrelay is restarting; try again shortly.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        i += 1;
+        let id = i % 1800 + 1;
+        let result = c
+            .batch_execute(&format!(
+                "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = {id}; \
+                 INSERT INTO ledger (account, amount) VALUES ({id}, {i}); COMMIT;"
+            ))
+            .await;
+        match result {
+            Ok(()) => committed += 1,
+            Err(_) => client = None,
+        }
+    }
+    committed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
+    let info = row_cluster();
+    let db = leader_database(&info.leader, "skill").await;
+    connect_direct(&info.leader, &db).await.batch_execute(SCHEMA).await.unwrap();
+    let dir = cluster::test_dir("stmtkill");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = statement_config(info, &db, "");
+    let mut proxy = ProxyProcess::start(&config, &dir, "first");
+    wait_bootstrapped(&info.followers, &db).await;
+    let leader = connect_direct(&info.leader, &db).await;
+    let ledger_before = ledger_rows(&leader).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let first = tokio::spawn(load(proxy.addr, db.clone(), stop_rx));
+    let follower = connect_direct(&info.followers[0], &db).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&follower).await > ledger_before + 100
+    })
+    .await;
+    proxy.kill();
+    stop_tx.send(true).unwrap();
+    let committed_first = first.await.unwrap();
+
+    let proxy = ProxyProcess::start(&config, &dir, "second");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let second = tokio::spawn(load(proxy.addr, db.clone(), stop_rx));
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&leader).await as u64 > ledger_before as u64 + committed_first + 100
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    let committed_second = second.await.unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    let added = (ledger_rows(&leader).await - ledger_before) as u64;
+    let acked = committed_first + committed_second;
+    assert!(added == acked || added == acked + 1, "added {added}, acknowledged {acked}");
+    // The restarted pgrelay resumed from the recorded positions: it copied nothing.
+    let text = scrape(proxy.metrics).await;
+    for f in &info.followers {
+        let l = format!("follower=\"{}\"", f.name);
+        assert_eq!(
+            metric(&text, &format!("pgrelay_bootstrap_rows_total{{{l}}}")),
+            Some(0.0),
+            "{text}"
+        );
+    }
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_down_during_the_load_catches_up() {
+    // Its own cluster: stopping a follower must not disturb the other tests.
+    let mut cluster = start_row_cluster(2, "stmtdown");
+    let info = ClusterInfo {
+        leader: cluster.leader().clone(),
+        followers: cluster.followers().to_vec(),
+        bin_dir: cluster.bin_dir().to_path_buf(),
+    };
+    let db = leader_database(&info.leader, "down").await;
+    connect_direct(&info.leader, &db).await.batch_execute(SCHEMA).await.unwrap();
+    let (addr, _) = start_proxy_with_metrics(statement_config(&info, &db, "")).await;
+    wait_bootstrapped(&info.followers, &db).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(load(addr, db.clone(), stop_rx));
+    let leader = connect_direct(&info.leader, &db).await;
+    let start = ledger_rows(&leader).await;
+    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > start + 100 }).await;
+    let down = info.followers[1].name.clone();
+    cluster.stop_node(&down).unwrap();
+    let at_stop = ledger_rows(&leader).await;
+    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > at_stop + 200 }).await;
+    cluster.start_node(&down).unwrap();
+    let at_start = ledger_rows(&leader).await;
+    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > at_start + 100 }).await;
+    stop_tx.send(true).unwrap();
+    assert!(writer.await.unwrap() > 0);
+    assert_converged(&info, &info.followers, &db, CONVERGE).await;
+    cluster.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_bootstrapped_while_writes_run_through_pgrelay_converges() {
+    let info = row_cluster();
+    let db = leader_database(&info.leader, "sunderload").await;
+    connect_direct(&info.leader, &db).await.batch_execute(SCHEMA).await.unwrap();
+    // pgrelay starts with the load: the followers are copied while it runs.
+    let (addr, _) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(load(addr, db.clone(), stop_rx));
+    wait_bootstrapped(&info.followers, &db).await;
+    let leader = connect_direct(&info.leader, &db).await;
+    let at_copy = ledger_rows(&leader).await;
+    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > at_copy + 200 }).await;
+    stop_tx.send(true).unwrap();
+    assert!(writer.await.unwrap() > 0);
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_in_the_middle_of_the_stream_replays_in_order() {
+    let (info, db, addr, _) = setup("sddl", "").await;
+    let c = connect_proxy(addr, &db).await;
+    c.batch_execute(
+        "INSERT INTO accounts VALUES (5000, 1, 'before');
+         ALTER TABLE accounts ADD COLUMN tier int;
+         UPDATE accounts SET tier = 2 WHERE id <= 10;
+         CREATE INDEX accounts_tier ON accounts (tier);
+         CREATE TABLE later (id bigserial PRIMARY KEY, v text);
+         INSERT INTO later (v) VALUES ('a'), ('b');
+         CREATE TEMP TABLE scratch (x int);
+         INSERT INTO scratch VALUES (1);",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("CREATE INDEX CONCURRENTLY later_v ON later (v)")
+        .await
+        .unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    for f in &info.followers {
+        common::wait_until(CONVERGE, || async {
+            let n: i64 = value_on(f, &db, "SELECT count(*) FROM pg_indexes WHERE indexname IN ('accounts_tier', 'later_v')").await;
+            n == 2
+        })
+        .await;
+        // The session's temporary table stayed with the session.
+        let temp: i64 = value_on(f, &db, "SELECT count(*) FROM pg_class WHERE relname = 'scratch'").await;
+        assert_eq!(temp, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_after_writes_see_them_in_statement_mode() {
+    let (info, db, addr, metrics) = setup("sryw", "").await;
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect_proxy(addr, &db).await;
+            let mut stale = 0;
+            for i in 0..50 {
+                let id = 10_000 + worker * 1000 + i;
+                c.execute("INSERT INTO accounts VALUES ($1, 1, 'ryw')", &[&id])
+                    .await
+                    .unwrap();
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM accounts WHERE id = $1", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n != 1 {
+                    stale += 1;
+                }
+            }
+            stale
+        }));
+    }
+    let mut stale = 0;
+    for t in tasks {
+        stale += t.await.unwrap();
+    }
+    assert_eq!(stale, 0, "reads that missed the session's own write");
+    let text = scrape(metrics).await;
+    let follower_reads: f64 = info
+        .followers
+        .iter()
+        .filter_map(|f| {
+            metric(
+                &text,
+                &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", f.name),
+            )
+        })
+        .sum();
+    assert!(follower_reads >= 100.0, "most reads served by followers: {follower_reads}\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_initialized_and_run_through_pgrelay_converges() {
+    let info = row_cluster();
+    let db = leader_database(&info.leader, "spgbench").await;
+    let (addr, _) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
+    wait_bootstrapped(&info.followers, &db).await;
+    // pgbench -i: DDL, then TRUNCATE and COPY in one transaction, then VACUUM.
+    let out = pg_command("pgbench", addr, &db).args(["-i", "-s", "1", "-q"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for mode in ["simple", "prepared"] {
+        let out = pg_command("pgbench", addr, &db)
+            .args(["-n", "-c", "4", "-j", "2", "-t", "150", "-M", mode])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("number of failed transactions: 0"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pgrelay_processes_writing_to_one_leader_converge() {
+    let (info, db, first, _) = setup("stwo", "").await;
+    let (second, _) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let a = tokio::spawn(load(first, db.clone(), stop_rx.clone()));
+    let b = tokio::spawn(load(second, db.clone(), stop_rx));
+    let leader = connect_direct(&info.leader, &db).await;
+    let start = ledger_rows(&leader).await;
+    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > start + 400 }).await;
+    stop_tx.send(true).unwrap();
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(a > 0 && b > 0, "both wrote: {a} {b}");
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    // One log, in commit order, without holes between what both wrote.
+    let entries: i64 = value_on(&info.leader, &db, "SELECT count(*) FROM pgrelay.statement_log").await;
+    assert!(entries as u64 >= a + b, "{entries} entries for {} commits", a + b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_serialized_writes_statements_that_read_other_rows_are_refused() {
+    let (info, db, addr, _) = setup("snoser", "[statement]\nserialize_writes = false\n").await;
+    let c = connect_proxy(addr, &db).await;
+    let err = c
+        .batch_execute("INSERT INTO ledger (account, amount) SELECT id, balance FROM accounts WHERE id < 3")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    // Statements on one table's own rows still run, from concurrent sessions.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let a = tokio::spawn(load(addr, db.clone(), stop_rx.clone()));
+    let b = tokio::spawn(load(addr, db.clone(), stop_rx));
+    let leader = connect_direct(&info.leader, &db).await;
+    let start = ledger_rows(&leader).await;
+    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > start + 300 }).await;
+    stop_tx.send(true).unwrap();
+    assert!(a.await.unwrap() > 0 && b.await.unwrap() > 0);
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_ack_returns_after_every_follower_applied_the_entry() {
+    let (info, db, addr, _) = setup(
+        "squorum",
+        "[replication]\nack = \"quorum:2\"\nack_timeout = \"20s\"\n",
+    )
+    .await;
+    let client = connect_proxy(addr, &db).await;
+    let followers = [
+        connect_direct(&info.followers[0], &db).await,
+        connect_direct(&info.followers[1], &db).await,
+    ];
+    for i in 0..20 {
+        let id = 20_000 + i;
+        client
+            .execute("INSERT INTO accounts VALUES ($1, 1, 'acked')", &[&id])
+            .await
+            .unwrap();
+        for f in &followers {
+            let n: i64 = f
+                .query_one("SELECT count(*) FROM accounts WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1, "commit {i} returned before a follower applied it");
+        }
+    }
+}
