@@ -236,6 +236,34 @@ pub fn bind_text<'a>(
     });
 }
 
+/// Bind of parameters in the given formats (as in Bind: none means all text, one applies to
+/// all; None: NULL) to the unnamed portal; results in text.
+pub fn bind(out: &mut BytesMut, statement: &str, formats: &[i16], params: &[Option<Vec<u8>>]) {
+    write_message(out, tag::BIND, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, statement.as_bytes());
+        b.put_i16(i16::try_from(formats.len()).unwrap_or(i16::MAX));
+        for f in formats {
+            b.put_i16(*f);
+        }
+        b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    b.put_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+}
+
+pub fn copy_data(out: &mut BytesMut, data: &[u8]) {
+    write_message(out, tag::COPY_DATA, |b| b.put_slice(data));
+}
+
 /// Execute of the unnamed portal, all rows.
 pub fn execute(out: &mut BytesMut) {
     write_message(out, tag::EXECUTE, |b| {
