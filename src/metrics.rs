@@ -34,6 +34,7 @@ pub const APPLY_ROWS_TOTAL: &str = "pgrelay_apply_rows_total";
 pub const APPLY_ERRORS_TOTAL: &str = "pgrelay_apply_errors_total";
 pub const SLOT_RETAINED_BYTES: &str = "pgrelay_slot_retained_bytes";
 pub const BOOTSTRAP_ROWS_TOTAL: &str = "pgrelay_bootstrap_rows_total";
+pub const STATEMENT_LOG_BACKLOG: &str = "pgrelay_statement_log_backlog";
 
 /// Why a read went where it went (the `reason` label of `pgrelay_reads_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,19 +78,23 @@ pub struct FollowerMetrics {
     pub lag_bytes: Gauge,
     pub up: Gauge,
     pub applied_position: Gauge,
-    /// Row mode: leader transactions applied on this follower.
+    /// Row and statement mode: leader transactions applied on this follower.
     pub apply_transactions: Counter,
     /// Row mode: rows applied, by operation.
     pub apply_inserts: Counter,
     pub apply_updates: Counter,
     pub apply_deletes: Counter,
     pub apply_truncates: Counter,
-    /// Row mode: times applying on this follower failed (it stops and is retried).
+    /// Row and statement mode: times applying on this follower failed (it stops and is
+    /// retried).
     pub apply_errors: Counter,
     /// Row mode: WAL the leader keeps for this follower's slots.
     pub slot_retained_bytes: Gauge,
     /// Rows copied by bootstraps of this follower.
     pub bootstrap_rows: Counter,
+    /// Statement mode: log entries (leader transactions) this follower has yet to apply,
+    /// summed over its databases.
+    pub statement_log_backlog: Gauge,
 }
 
 /// Every metric pgrelay exports, registered once.
@@ -154,6 +159,7 @@ impl Metrics {
                         apply_errors: counter(APPLY_ERRORS_TOTAL, l()),
                         slot_retained_bytes: gauge(SLOT_RETAINED_BYTES, l()),
                         bootstrap_rows: counter(BOOTSTRAP_ROWS_TOTAL, l()),
+                        statement_log_backlog: gauge(STATEMENT_LOG_BACKLOG, l()),
                     }
                 })
             })

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::NodeConfig;
@@ -375,6 +375,53 @@ impl BackendConn {
     /// Sends everything queued in `wbuf`.
     pub async fn flush(&mut self) -> io::Result<()> {
         self.stream.write_all_buf(&mut self.wbuf).await
+    }
+
+    /// Sends everything queued in `wbuf` while keeping what the node sends meanwhile in the
+    /// read buffer (for [`BackendConn::read_frame`]): a long pipeline cannot deadlock on the
+    /// node blocking to write replies nobody reads. Cancel-safe like `flush`.
+    pub async fn flush_while_reading(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            while !self.wbuf.is_empty() {
+                match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "the node stopped reading",
+                        )))
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        let _ = self.wbuf.split_to(n);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Blocked writing: take in what the node has to say, then wait.
+                        loop {
+                            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                                self.rbuf.reserve(64 * 1024);
+                            }
+                            match tokio_util::io::poll_read_buf(
+                                Pin::new(&mut self.stream),
+                                cx,
+                                &mut self.rbuf,
+                            ) {
+                                Poll::Ready(Ok(0)) => {
+                                    return Poll::Ready(Err(io::Error::new(
+                                        io::ErrorKind::UnexpectedEof,
+                                        "the node closed the connection",
+                                    )))
+                                }
+                                Poll::Ready(Ok(_)) => {}
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => return Poll::Pending,
+                            }
+                        }
+                    }
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
     }
 
     /// Runs a query on an idle connection and returns the text values of its rows.

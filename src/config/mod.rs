@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-pub use raw::{RawConfig, RawMetrics, RawNode, RawProxy, RawReplication, RawRouting, RawStatement, RawUser};
+pub use raw::{
+    RawConfig, RawMetrics, RawNode, RawProxy, RawReplication, RawRouting, RawStatement, RawUser,
+};
 
 use crate::protocol::auth::scram::ScramSecret;
 
@@ -717,7 +719,10 @@ password = "secret"
         for (extra, needle) in [
             ("[replication]\nmode = \"logical\"\n", "replication.mode"),
             ("[statement]\nunsafe = \"maybe\"\n", "statement.unsafe"),
-            ("[statement]\nlog_retention = \"soon\"\n", "statement.log_retention"),
+            (
+                "[statement]\nlog_retention = \"soon\"\n",
+                "statement.log_retention",
+            ),
             (
                 "[replication]\nbootstrap_workers = 0\n",
                 "bootstrap_workers must be at least 1",

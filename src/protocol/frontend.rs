@@ -285,7 +285,8 @@ pub fn bind_text<'a>(
     });
 }
 
-/// Bind of `statement` to `portal` with the given parameter formats and values; results in text.
+/// Bind of `statement` to `portal` with the given parameter formats (as in Bind: none means
+/// all text, one applies to all) and values (None: NULL); results in text.
 pub fn bind<'a>(
     out: &mut BytesMut,
     portal: &str,
@@ -320,6 +321,10 @@ pub fn execute_portal(out: &mut BytesMut, portal: &str) {
         put_cstr(b, portal.as_bytes());
         b.put_i32(0);
     });
+}
+
+pub fn copy_data(out: &mut BytesMut, data: &[u8]) {
+    write_message(out, tag::COPY_DATA, |b| b.put_slice(data));
 }
 
 /// Execute of the unnamed portal, all rows.

@@ -282,7 +282,9 @@ impl Session {
             .metrics
             .ack_wait
             .record(wait.started.elapsed().as_secs_f64());
-        self.shared.positions.acknowledge(wait.position, &self.database);
+        self.shared
+            .positions
+            .acknowledge(wait.position, &self.database);
         if confirmed {
             self.release(None);
             return;

@@ -201,7 +201,9 @@ impl Session {
         let caught_up = positions
             .wait_until(wait, |p| {
                 followers.iter().any(|&f| {
-                    nodes.is_up(f) && p.serves(f, database) && needs.satisfied_by(&p.follower_in(f, database))
+                    nodes.is_up(f)
+                        && p.serves(f, database)
+                        && needs.satisfied_by(&p.follower_in(f, database))
                 })
             })
             .await;

@@ -1,13 +1,16 @@
 //! The task that stands for one follower: it finds the databases to replicate (starting a
-//! stream for each), and publishes the follower's state for routing, acknowledgement and the
+//! task for each), and publishes the follower's state for routing, acknowledgement and the
 //! metrics: the lowest position its ready databases have applied, which databases it can serve,
-//! and whether one of them stopped on an error.
+//! and whether one of them stopped on an error. Row mode and statement mode share it; they
+//! differ in what a database task does ([`StartDatabase`]) and where lag comes from
+//! ([`LagSource`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -18,10 +21,36 @@ use crate::metrics::Metrics;
 
 use super::super::lag::LeaderHistory;
 use super::super::positions::{FollowerState, Position, Positions};
-use super::{database_task, setup, FollowerShared, DISCOVER_INTERVAL, LAG_REFRESH};
+use super::{setup, FollowerShared, DISCOVER_INTERVAL, LAG_REFRESH};
 
-/// Lists the leader's databases (or the configured ones).
-async fn databases(
+/// Starts replicating one database (the task runs until the stop token fires).
+pub(crate) type StartDatabase =
+    Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Where a follower's lag comes from.
+pub(crate) enum LagSource {
+    /// Row mode: the age and distance of the applied LSN in samples of the leader's WAL
+    /// position; the WAL its slots retain is measured too.
+    LeaderHistory(Arc<Mutex<LeaderHistory>>),
+    /// Statement mode: each database task reports its own in [`super::DbState`]; the
+    /// follower's lag is the largest, its bytes and backlog the sums.
+    Reported,
+}
+
+/// What the follower task needs.
+pub(crate) struct FollowerTask {
+    pub(crate) config: Arc<Config>,
+    pub(crate) node: usize,
+    pub(crate) positions: Arc<Positions>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shared: Arc<FollowerShared>,
+    pub(crate) lag: LagSource,
+    pub(crate) start: StartDatabase,
+}
+
+/// Lists the leader's databases (or the configured ones); `leader` is a connection kept
+/// between calls (opened when None, dropped on an error).
+pub(crate) async fn databases(
     config: &Config,
     leader: &mut Option<BackendConn>,
 ) -> Result<Vec<String>, String> {
@@ -55,23 +84,22 @@ async fn databases(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn follower_task(
-    config: Arc<Config>,
-    node: usize,
-    positions: Arc<Positions>,
-    metrics: Arc<Metrics>,
-    history: Arc<Mutex<LeaderHistory>>,
+pub(crate) async fn follower_task(
+    task: FollowerTask,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let FollowerTask {
+        config,
+        node,
+        positions,
+        metrics,
+        shared,
+        lag: lag_source,
+        start,
+    } = task;
     let name = config.node_name(node);
-    let shared = Arc::new(FollowerShared {
-        states: Mutex::new(HashMap::new()),
-        changed: Notify::new(),
-    });
-    let follower_metrics = metrics.follower(node).map(|m| Arc::new(m.clone()));
-    if let Some(m) = &follower_metrics {
+    if let Some(m) = metrics.follower(node) {
         m.apply_transactions.increment(0);
         m.apply_errors.increment(0);
     }
@@ -89,14 +117,7 @@ pub(super) async fn follower_task(
                     for db in list {
                         if started.insert(db.clone()) {
                             shared.update(&db, |_| {});
-                            tracker.spawn(database_task(
-                                config.clone(),
-                                node,
-                                db,
-                                shared.clone(),
-                                follower_metrics.clone(),
-                                stop.clone(),
-                            ));
+                            tracker.spawn(start(db));
                         }
                     }
                 }
@@ -109,7 +130,7 @@ pub(super) async fn follower_task(
                     Duration::from_secs(3600)
                 };
         }
-        if Instant::now() >= next_slot_check {
+        if matches!(lag_source, LagSource::LeaderHistory(_)) && Instant::now() >= next_slot_check {
             next_slot_check = Instant::now() + Duration::from_secs(1);
             let slots: Vec<String> = started
                 .iter()
@@ -126,7 +147,7 @@ pub(super) async fn follower_task(
                 .await
                 .ok();
             }
-            if let (Some(conn), Some(m)) = (leader.as_mut(), &follower_metrics) {
+            if let (Some(conn), Some(m)) = (leader.as_mut(), metrics.follower(node)) {
                 match retained_bytes(conn, &slots).await {
                     Ok(bytes) => m.slot_retained_bytes.set(bytes as f64),
                     Err(_) => leader = None,
@@ -134,27 +155,19 @@ pub(super) async fn follower_task(
             }
         }
         // Publish the follower's position: the lowest of its ready databases.
-        let (ready, applied, error) = match shared.states.lock() {
-            Ok(states) => {
-                let ready: HashSet<String> = states
-                    .iter()
-                    .filter(|(_, s)| s.ready)
-                    .map(|(d, _)| d.clone())
-                    .collect();
-                let applied = states
-                    .values()
-                    .filter(|s| s.ready)
-                    .filter_map(|s| s.applied)
-                    .min();
-                let error = states.values().find_map(|s| s.error.clone());
-                (ready, applied, error)
-            }
-            Err(_) => (HashSet::new(), None, Some("state lock poisoned".into())),
-        };
+        let Summary {
+            ready,
+            applied,
+            error,
+            reported,
+        } = summarize(&shared);
         let up = error.is_none() && !ready.is_empty();
-        let (lag, lag_bytes) = match (applied, history.lock()) {
-            (Some(a), Ok(h)) => (h.lag(a, Instant::now()), h.lag_bytes(a)),
-            _ => (Duration::ZERO, 0),
+        let (lag, lag_bytes) = match &lag_source {
+            LagSource::LeaderHistory(history) => match (applied, history.lock()) {
+                (Some(a), Ok(h)) => (h.lag(a, Instant::now()), h.lag_bytes(a)),
+                _ => (Duration::ZERO, 0),
+            },
+            LagSource::Reported => (reported.lag, reported.lag_bytes),
         };
         if ready != published_ready {
             positions.set_databases(node, Some(ready.clone()));
@@ -182,6 +195,9 @@ pub(super) async fn follower_task(
             if let Some(a) = applied {
                 m.applied_position.set(a as f64);
             }
+            if matches!(lag_source, LagSource::Reported) {
+                m.statement_log_backlog.set(reported.backlog as f64);
+            }
         }
         if was_up != Some(up) && (up || error.is_some()) {
             match &error {
@@ -190,13 +206,59 @@ pub(super) async fn follower_task(
             }
             was_up = Some(up);
         }
-        // Positions arrive by themselves in row mode (requests to poll need no answer).
-        let wake = next_discovery.min(next_slot_check);
+        // Positions arrive by themselves from the database tasks (requests to poll are theirs
+        // to answer).
+        let wake = match lag_source {
+            LagSource::LeaderHistory(_) => next_discovery.min(next_slot_check),
+            LagSource::Reported => next_discovery.min(Instant::now() + LAG_REFRESH),
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = shared.changed.notified() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+    }
+}
+
+/// What the follower task reads from its database tasks' states.
+struct Summary {
+    /// The databases that are bootstrapped and applying.
+    ready: HashSet<String>,
+    /// The lowest position the ready databases applied.
+    applied: Option<Position>,
+    /// The first error of any database.
+    error: Option<String>,
+    /// Statement mode: the largest lag and the sum of bytes waiting in the ready databases,
+    /// and the transactions waiting in all of them.
+    reported: super::DbState,
+}
+
+fn summarize(shared: &FollowerShared) -> Summary {
+    let Ok(states) = shared.states.lock() else {
+        return Summary {
+            ready: HashSet::new(),
+            applied: None,
+            error: Some("state lock poisoned".into()),
+            reported: super::DbState::default(),
+        };
+    };
+    let ready_states = || states.values().filter(|s| s.ready);
+    let mut reported = super::DbState::default();
+    for s in ready_states() {
+        reported.lag = reported.lag.max(s.lag);
+        reported.lag_bytes += s.lag_bytes;
+    }
+    // A database that stopped still has a backlog, and it grows.
+    reported.backlog = states.values().map(|s| s.backlog).sum();
+    Summary {
+        ready: states
+            .iter()
+            .filter(|(_, s)| s.ready)
+            .map(|(d, _)| d.clone())
+            .collect(),
+        applied: ready_states().filter_map(|s| s.applied).min(),
+        error: states.values().find_map(|s| s.error.clone()),
+        reported,
     }
 }
 

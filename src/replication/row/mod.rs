@@ -16,7 +16,7 @@
 
 pub mod apply;
 pub mod bootstrap;
-mod follower;
+pub(crate) mod follower;
 pub mod relations;
 pub mod setup;
 pub mod stream;
@@ -85,33 +85,41 @@ pub(crate) const FOLLOWER_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=pos
      -c synchronous_commit=on";
 
 /// How often the leader's database list is read again when `replication.databases` is empty.
-const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
 /// How often, at most, the leader is told what a follower committed (besides answering its
 /// keepalives).
 const CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
 /// How often lag is published for a follower whose position did not move.
 const LAG_REFRESH: Duration = Duration::from_millis(200);
 /// How long a stream that stopped on a mismatch or a setup problem waits before trying again.
-const SLOW_RETRY: Duration = Duration::from_secs(5);
+pub(crate) const SLOW_RETRY: Duration = Duration::from_secs(5);
 
 /// Where one database stands on one follower.
 #[derive(Debug, Clone, Default)]
-struct DbState {
+pub(crate) struct DbState {
     /// Bootstrapped and streaming.
-    ready: bool,
-    applied: Option<Position>,
-    /// The last error, while it lasts.
-    error: Option<String>,
+    pub(crate) ready: bool,
+    pub(crate) applied: Option<Position>,
+    /// The last error, while it lasts (the follower is down for routing meanwhile).
+    pub(crate) error: Option<String>,
+    /// Statement mode, where each database measures its own lag (see
+    /// [`follower::LagSource::Reported`]): how old the oldest unapplied change is, ...
+    pub(crate) lag: Duration,
+    /// ... how many bytes are waiting, ...
+    pub(crate) lag_bytes: u64,
+    /// ... and how many leader transactions.
+    pub(crate) backlog: u64,
 }
 
 /// What a follower's database tasks share with the follower task.
-struct FollowerShared {
-    states: Mutex<HashMap<String, DbState>>,
-    changed: Notify,
+#[derive(Default)]
+pub(crate) struct FollowerShared {
+    pub(crate) states: Mutex<HashMap<String, DbState>>,
+    pub(crate) changed: Notify,
 }
 
 impl FollowerShared {
-    fn update(&self, database: &str, f: impl FnOnce(&mut DbState)) {
+    pub(crate) fn update(&self, database: &str, f: impl FnOnce(&mut DbState)) {
         if let Ok(mut states) = self.states.lock() {
             f(states.entry(database.to_owned()).or_default());
         }
@@ -134,12 +142,32 @@ pub fn spawn(
             continue;
         }
         positions.set_databases(node, Some(HashSet::new()));
+        let shared = Arc::new(FollowerShared::default());
+        let follower_metrics = metrics.follower(node).map(|m| Arc::new(m.clone()));
+        let start: follower::StartDatabase = {
+            let (config, shared, stop) = (config.clone(), shared.clone(), stop.clone());
+            let follower_metrics = follower_metrics.clone();
+            Box::new(move |db| {
+                Box::pin(database_task(
+                    config.clone(),
+                    node,
+                    db,
+                    shared.clone(),
+                    follower_metrics.clone(),
+                    stop.clone(),
+                ))
+            })
+        };
         tracker.spawn(follower::follower_task(
-            config.clone(),
-            node,
-            positions.clone(),
-            metrics.clone(),
-            history.clone(),
+            follower::FollowerTask {
+                config: config.clone(),
+                node,
+                positions: positions.clone(),
+                metrics: metrics.clone(),
+                shared,
+                lag: follower::LagSource::LeaderHistory(history.clone()),
+                start,
+            },
             tracker.clone(),
             stop.clone(),
         ));
@@ -229,24 +257,18 @@ async fn mark_diverged(config: &Config, node: usize, database: &str, why: &str) 
     }
 }
 
-/// Opens a connection to the follower database, creating the database when it is missing.
-async fn follower_database(
+/// Opens a connection to the follower database with `options` (row mode:
+/// [`FOLLOWER_OPTIONS`]), creating the database like the leader's when it is missing;
+/// `recreate`: dropping it first (a partial copy).
+pub(crate) async fn follower_database(
     config: &Config,
     node: usize,
     database: &str,
     leader: &mut BackendConn,
     recreate: bool,
+    options: &str,
 ) -> Result<BackendConn, RowError> {
-    let connect = || {
-        connect_own_with(
-            config,
-            node,
-            database,
-            "pgrelay applier",
-            false,
-            FOLLOWER_OPTIONS,
-        )
-    };
+    let connect = || connect_own_with(config, node, database, "pgrelay applier", false, options);
     if !recreate {
         match connect().await {
             Ok(c) => return Ok(c),
@@ -315,7 +337,8 @@ async fn replicate(
         .await
         .map_err(RowError::Leader)?;
     setup::prepare_leader(&mut leader, database).await?;
-    let mut follower_conn = follower_database(config, node, database, &mut leader, false).await?;
+    let mut follower_conn =
+        follower_database(config, node, database, &mut leader, false, FOLLOWER_OPTIONS).await?;
     let mut state = setup::inspect_follower(&mut follower_conn, &slot).await?;
     if state == FollowerDb::PartialBootstrap {
         info!(
@@ -323,7 +346,8 @@ async fn replicate(
             database, "a bootstrap did not finish; copying again"
         );
         follower_conn.terminate().await;
-        follower_conn = follower_database(config, node, database, &mut leader, true).await?;
+        follower_conn =
+            follower_database(config, node, database, &mut leader, true, FOLLOWER_OPTIONS).await?;
         state = FollowerDb::Empty;
     }
     let repl = connect_own_with(

@@ -201,6 +201,24 @@ pub async fn inspect_follower(
     follower: &mut BackendConn,
     source: &str,
 ) -> Result<FollowerDb, RowError> {
+    inspect_follower_at(
+        follower,
+        source,
+        "position::text",
+        super::super::positions::parse_lsn,
+    )
+    .await
+}
+
+/// Like [`inspect_follower`], for a mode that records its position in `column` of
+/// `pgrelay.applied` (an SQL expression giving text that `parse` reads; NULL while a
+/// bootstrap runs).
+pub(crate) async fn inspect_follower_at(
+    follower: &mut BackendConn,
+    source: &str,
+    column: &str,
+    parse: fn(&str) -> Option<u64>,
+) -> Result<FollowerDb, RowError> {
     let fail =
         |e: QueryError| RowError::Follower(format!("inspecting the database: {}", e.message));
     let has_table = follower
@@ -212,18 +230,14 @@ pub async fn inspect_follower(
         let rows = follower
             .query(&format!(
                 "ALTER TABLE pgrelay.applied ADD COLUMN IF NOT EXISTS diverged text; \
-                 SELECT position::text, diverged FROM pgrelay.applied WHERE source = {}",
+                 SELECT {column}, diverged FROM pgrelay.applied WHERE source = {}",
                 literal(source)
             ))
             .await
             .map_err(fail)?;
         if let Some(row) = rows.into_iter().next() {
             let mut row = row.into_iter();
-            let position = row
-                .next()
-                .flatten()
-                .as_deref()
-                .and_then(super::super::positions::parse_lsn);
+            let position = row.next().flatten().as_deref().and_then(parse);
             return Ok(match (position, row.next().flatten()) {
                 (_, Some(why)) => FollowerDb::Diverged(why),
                 (Some(p), None) => FollowerDb::Applied(p),

@@ -251,9 +251,124 @@ pub fn encode_copy_data(blocks: &[Vec<u8>]) -> String {
     out
 }
 
+/// A statement as it reads from the JSON (see [`LoggedStatement`]).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonStatement {
+    sql: String,
+    types: Option<Vec<u32>>,
+    formats: Option<Vec<i16>>,
+    params: Option<Vec<Option<String>>>,
+    copy: Option<usize>,
+}
+
+/// Decodes lowercase (or uppercase) hex.
+pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        b'A'..=b'F' => Ok(c - b'A' + 10),
+        _ => Err(format!("{:?} is not a hex digit", char::from(c))),
+    };
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return Err("odd number of hex digits".into());
+    }
+    bytes
+        .chunks_exact(2)
+        .map(|pair| match pair {
+            [hi, lo] => Ok((digit(*hi)? << 4) | digit(*lo)?),
+            _ => Err("odd number of hex digits".into()),
+        })
+        .collect()
+}
+
+/// Decodes the `statements` JSON array ([`encode_statements`] in reverse; any JSON spelling
+/// of it, such as `jsonb`'s output, is accepted).
+pub fn decode_statements(json: &str) -> Result<Vec<LoggedStatement>, String> {
+    let raw: Vec<JsonStatement> =
+        serde_json::from_str(json).map_err(|e| format!("statements: {e}"))?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let extended = match (s.types, s.formats, s.params) {
+                (None, None, None) => None,
+                (types, formats, params) => Some(Extended {
+                    types: types.unwrap_or_default(),
+                    formats: formats.unwrap_or_default(),
+                    params: params
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|p| p.as_deref().map(unhex).transpose())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| format!("statement {}: parameter: {e}", i + 1))?,
+                }),
+            };
+            Ok(LoggedStatement {
+                sql: s.sql,
+                extended,
+                copy: s.copy,
+            })
+        })
+        .collect()
+}
+
+/// Decodes the `settings` JSON array of SQL strings.
+pub fn decode_settings(json: &str) -> Result<Vec<String>, String> {
+    serde_json::from_str(json).map_err(|e| format!("settings: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_and_settings_decode_what_was_encoded() {
+        let s = vec![
+            LoggedStatement {
+                sql: "INSERT INTO t VALUES ('\u{e9}\"\\\n\u{1}')".into(),
+                ..Default::default()
+            },
+            LoggedStatement {
+                sql: "SELECT $1, $2".into(),
+                extended: Some(Extended {
+                    types: vec![17, 0],
+                    formats: vec![1, 0],
+                    params: vec![Some(vec![0, 0xff, 0x10]), None],
+                }),
+                copy: None,
+            },
+            LoggedStatement {
+                sql: "SELECT 1".into(),
+                extended: Some(Extended::default()),
+                copy: None,
+            },
+            LoggedStatement {
+                sql: "COPY t FROM STDIN".into(),
+                extended: None,
+                copy: Some(2),
+            },
+        ];
+        assert_eq!(decode_statements(&encode_statements(&s)), Ok(s));
+        // jsonb's own output: spaces, keys reordered.
+        assert_eq!(
+            decode_statements(r#"[{"sql": "x", "params": ["0A"], "formats": [], "types": [25]}]"#),
+            Ok(vec![LoggedStatement {
+                sql: "x".into(),
+                extended: Some(Extended {
+                    types: vec![25],
+                    formats: vec![],
+                    params: vec![Some(vec![10])],
+                }),
+                copy: None,
+            }])
+        );
+        let settings = vec!["SET LOCAL pgrelay.now = '2020-01-01 00:00:00+00'".to_owned()];
+        assert_eq!(decode_settings(&encode_settings(&settings)), Ok(settings));
+        assert!(decode_statements(r#"[{"sql": "x", "params": ["zz"]}]"#).is_err());
+        assert!(decode_statements(r#"[{"query": "x"}]"#).is_err());
+        assert!(decode_settings("{}").is_err());
+    }
 
     #[test]
     fn statements_encode_as_json() {
@@ -281,7 +396,10 @@ mod tests {
             encode_statements(&s),
             r#"[{"sql":"INSERT INTO t VALUES ('a\"b\\c\n')"},{"sql":"UPDATE t SET a = $1 WHERE b = $2","types":[23,0],"formats":[0],"params":["3432",null]},{"sql":"COPY t FROM STDIN","copy":1}]"#
         );
-        assert_eq!(encode_settings(&["SET LOCAL a = 1".into()]), r#"["SET LOCAL a = 1"]"#);
+        assert_eq!(
+            encode_settings(&["SET LOCAL a = 1".into()]),
+            r#"["SET LOCAL a = 1"]"#
+        );
         assert_eq!(encode_copy_data(&[b"1\n".to_vec()]), r#"{"\\x310a"}"#);
     }
 }

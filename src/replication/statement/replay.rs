@@ -1,0 +1,324 @@
+//! Applying log entries on a follower: each entry in one follower transaction that runs the
+//! leader transaction's statements again and moves the recorded `seq` from the previous
+//! entry's to its own, so the follower holds exactly the entries up to its recorded `seq`
+//! after any crash.
+//!
+//! A batch of entries is pipelined: every message of every entry is written before the first
+//! reply is read (one round trip per batch). Inside an explicit transaction a Sync does not
+//! commit, so extended-protocol statements fit in. When a step fails, its transaction's COMMIT
+//! rolls back, and the entries after it fail too: their `seq` update expects the failed
+//! entry's `seq` (see [`advance_sql`]).
+//! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-PIPELINING>
+
+use std::sync::Arc;
+
+use crate::backend::BackendConn;
+use crate::metrics::FollowerMetrics;
+use crate::protocol::backend::{self as be, tag};
+use crate::protocol::frontend as fe;
+
+use super::super::row::setup::{ident, literal};
+use super::entry::Entry;
+use super::log::APPLIED_SOURCE;
+use super::ReplayError;
+
+/// COPY data goes out in messages of at most this size.
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// Moves the recorded seq from `from` to `to` in plain SQL; when the recorded seq is not
+/// `from`, the division by zero fails the statement, and so the transaction.
+pub fn advance_sql(from: u64, to: u64) -> String {
+    format!(
+        "WITH moved AS (UPDATE pgrelay.applied SET seq = {to}, updated_at = pg_catalog.now() \
+         WHERE source = {} AND seq = {from} RETURNING 1) \
+         SELECT 1 / (SELECT count(*)::int FROM moved)",
+        literal(APPLIED_SOURCE)
+    )
+}
+
+/// One part of a replayed transaction: what one ReadyForQuery ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Begin,
+    Role,
+    /// Index in `settings`, from 1.
+    Setting(usize),
+    Replaying,
+    /// Index in `statements`, from 1.
+    Statement(usize),
+    ResetRole,
+    Advance,
+    Commit,
+}
+
+impl Step {
+    /// Whether a failure of this step means the follower cannot do what the leader did (as
+    /// opposed to pgrelay's own bookkeeping failing).
+    fn replays_the_leader(self) -> bool {
+        matches!(
+            self,
+            Step::Role | Step::Setting(_) | Step::Replaying | Step::Statement(_) | Step::Commit
+        )
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Step::Begin => "BEGIN".into(),
+            Step::Role => "SET LOCAL ROLE".into(),
+            Step::Setting(i) => format!("setting {i}"),
+            Step::Replaying => "setting the generated values".into(),
+            Step::Statement(i) => format!("statement {i}"),
+            Step::ResetRole => "RESET ROLE".into(),
+            Step::Advance => "recording the seq".into(),
+            Step::Commit => "COMMIT".into(),
+        }
+    }
+}
+
+/// The first error of a batch.
+#[derive(Debug)]
+struct Failure {
+    seq: u64,
+    step: Step,
+    code: String,
+    message: String,
+}
+
+/// SQLSTATEs of a failure that says nothing about the follower's data: retry the entry.
+fn is_transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || matches!(code, "40001" | "40P01" | "55P03" | "")
+}
+
+/// Replays entries into one follower database; holds its connection (which holds the
+/// replayer lock).
+pub struct Replayer {
+    conn: BackendConn,
+    follower: String,
+    database: String,
+    /// The recorded seq: every entry up to it is committed on the follower.
+    applied: u64,
+    metrics: Option<Arc<FollowerMetrics>>,
+}
+
+impl Replayer {
+    /// `applied`: the seq the follower recorded.
+    pub fn new(
+        conn: BackendConn,
+        follower: &str,
+        database: &str,
+        applied: u64,
+        metrics: Option<Arc<FollowerMetrics>>,
+    ) -> Replayer {
+        Replayer {
+            conn,
+            follower: follower.to_owned(),
+            database: database.to_owned(),
+            applied,
+            metrics,
+        }
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// The follower connection, idle between batches.
+    pub fn conn(&mut self) -> &mut BackendConn {
+        &mut self.conn
+    }
+
+    pub async fn close(self) {
+        self.conn.terminate().await;
+    }
+
+    fn io_error(&self, e: std::io::Error) -> ReplayError {
+        ReplayError::Follower(format!(
+            "follower \"{}\" database \"{}\": connection lost: {e}",
+            self.follower, self.database
+        ))
+    }
+
+    /// Applies `entries` (in `seq` order, all after [`Replayer::applied`]) in one round trip.
+    /// On an error, [`Replayer::applied`] still says what was committed before it.
+    /// Not cancel-safe: a cancelled batch leaves the connection mid-pipeline (drop it; the
+    /// follower rolls the open transaction back).
+    pub async fn apply(&mut self, entries: &[Entry]) -> Result<(), ReplayError> {
+        let mut steps: Vec<(u64, Step)> = Vec::new();
+        let mut previous = self.applied;
+        for entry in entries {
+            self.queue_entry(entry, previous, &mut steps)?;
+            previous = entry.seq;
+        }
+        self.conn
+            .flush_while_reading()
+            .await
+            .map_err(|e| self.io_error(e))?;
+        let mut failure: Option<Failure> = None;
+        let mut entry_failed = false;
+        for (seq, step) in steps {
+            if step == Step::Begin {
+                entry_failed = false;
+            }
+            let (error, complete) = self.read_until_ready().await?;
+            if let Some(f) = error {
+                entry_failed = true;
+                if failure.is_none() {
+                    failure = Some(Failure {
+                        seq,
+                        step,
+                        code: f.code,
+                        message: f.message,
+                    });
+                }
+            }
+            if step == Step::Commit && !entry_failed && complete.as_deref() == Some("COMMIT") {
+                self.applied = seq;
+                if let Some(m) = &self.metrics {
+                    m.apply_transactions.increment(1);
+                }
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(f) => Err(self.classify(f)),
+        }
+    }
+
+    /// Turns the first error of a batch into what the database task does about it.
+    fn classify(&self, f: Failure) -> ReplayError {
+        let at = format!(
+            "follower \"{}\" database \"{}\" entry seq {} {}",
+            self.follower,
+            self.database,
+            f.seq,
+            f.step.describe()
+        );
+        if f.step == Step::Advance && f.code == "22012" {
+            return ReplayError::Follower(format!(
+                "{at}: the recorded seq is not {} any more (does another process replay into \
+                 this database?)",
+                self.applied
+            ));
+        }
+        if f.step.replays_the_leader() && !is_transient(&f.code) {
+            return ReplayError::Diverged {
+                seq: f.seq,
+                message: format!("{at}: {} (SQLSTATE {})", f.message, f.code),
+            };
+        }
+        ReplayError::Follower(format!("{at}: {} (SQLSTATE {})", f.message, f.code))
+    }
+
+    /// Queues every message of one entry's transaction, and the steps whose replies follow.
+    fn queue_entry(
+        &mut self,
+        entry: &Entry,
+        previous: u64,
+        steps: &mut Vec<(u64, Step)>,
+    ) -> Result<(), ReplayError> {
+        let seq = entry.seq;
+        let out = &mut self.conn.wbuf;
+        let query = |out: &mut bytes::BytesMut, sql: &str, step: Step| {
+            fe::query(out, sql);
+            (seq, step)
+        };
+        steps.push(query(out, "BEGIN", Step::Begin));
+        steps.push(query(
+            out,
+            &format!("SET LOCAL ROLE {}", ident(&entry.role)),
+            Step::Role,
+        ));
+        for (i, setting) in entry.settings.iter().enumerate() {
+            steps.push(query(out, setting, Step::Setting(i + 1)));
+        }
+        // Always on: a statement that asks for a value the leader did not record fails
+        // rather than making up a new one.
+        let replaying = format!(
+            "SET LOCAL pgrelay.replaying = on; \
+             SELECT pg_catalog.set_config('pgrelay.replay_values', {}, true)",
+            literal(&entry.gen_values)
+        );
+        steps.push(query(out, &replaying, Step::Replaying));
+        for (i, statement) in entry.statements.iter().enumerate() {
+            let step = Step::Statement(i + 1);
+            if let Some(index) = statement.copy {
+                let Some(block) = entry.copy_block(index) else {
+                    return Err(ReplayError::BadEntry(format!(
+                        "entry seq {seq} statement {}: no copy_data[{index}]",
+                        i + 1
+                    )));
+                };
+                steps.push(query(out, &statement.sql, step));
+                for chunk in block.chunks(COPY_CHUNK) {
+                    fe::copy_data(out, chunk);
+                }
+                fe::copy_done(out);
+            } else if let Some(ext) = &statement.extended {
+                fe::parse(out, "", &statement.sql, &ext.types);
+                fe::bind(out, "", "", &ext.formats, ext.params.iter().map(|p| p.as_deref()));
+                fe::execute(out);
+                fe::sync(out);
+                steps.push((seq, step));
+            } else {
+                steps.push(query(out, &statement.sql, step));
+            }
+        }
+        steps.push(query(out, "RESET ROLE", Step::ResetRole));
+        steps.push(query(out, &advance_sql(previous, seq), Step::Advance));
+        steps.push(query(out, "COMMIT", Step::Commit));
+        Ok(())
+    }
+
+    /// Reads replies up to the next ReadyForQuery: the first error among them, and the tag
+    /// of the last CommandComplete.
+    async fn read_until_ready(
+        &mut self,
+    ) -> Result<(Option<be::ErrorFields>, Option<String>), ReplayError> {
+        let mut error = None;
+        let mut complete = None;
+        loop {
+            let frame = match self.conn.read_frame().await {
+                Ok(f) => f,
+                Err(e) => return Err(self.io_error(e)),
+            };
+            match frame.tag() {
+                tag::ERROR_RESPONSE if error.is_none() => {
+                    error = Some(be::parse_error_fields(&frame.body()).unwrap_or_default());
+                }
+                tag::COMMAND_COMPLETE => {
+                    complete = be::parse_command_complete(&frame.body())
+                        .ok()
+                        .map(str::to_owned);
+                }
+                tag::READY_FOR_QUERY => return Ok((error, complete)),
+                // Rows, notices, CopyInResponse (the data is on its way already): nothing
+                // to do.
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seq_update_fails_unless_it_starts_from_the_previous_seq() {
+        let sql = advance_sql(4, 9);
+        assert!(sql.contains("SET seq = 9"), "{sql}");
+        assert!(sql.contains("AND seq = 4"), "{sql}");
+        assert!(sql.contains("1 / (SELECT count(*)"), "{sql}");
+    }
+
+    #[test]
+    fn statement_errors_diverge_and_connection_errors_retry() {
+        assert!(Step::Statement(1).replays_the_leader());
+        assert!(!Step::Advance.replays_the_leader());
+        assert!(is_transient("40P01") && is_transient("08006") && is_transient("57P01"));
+        assert!(!is_transient("23505") && !is_transient("42P01"));
+    }
+}
