@@ -42,7 +42,7 @@ pub const DEMO_USER: &str = "app";
 pub const DEMO_PASSWORD: &str = "app";
 pub const DEMO_DATABASE: &str = "app";
 /// The cluster's superuser (also used for replication).
-pub const DEMO_SUPERUSER: &str = "pgrelay";
+pub const DEMO_SUPERUSER: &str = "relay_admin";
 
 /// Starts the demo and serves until Ctrl-C or SIGTERM; then stops pgrelay and the servers.
 pub fn run(opts: DemoOptions) -> Result<(), DemoError> {

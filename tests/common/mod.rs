@@ -19,7 +19,7 @@ use pgrelay::cluster::{self, ClusterOptions, FollowerKind, LocalCluster, NodeInf
 use pgrelay::config::Config;
 use pgrelay::server::RunningProxy;
 
-pub const SUPERUSER: &str = "pgrelay";
+pub const SUPERUSER: &str = "relay_admin";
 pub const PASSWORD: &str = "relay-pw";
 /// Roles that log in to pgrelay with md5 and trust authentication.
 pub const MD5_USER: &str = "md5user";

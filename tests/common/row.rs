@@ -183,7 +183,8 @@ pub async fn tables(leader: &NodeInfo, db: &str) -> Vec<String> {
     client
         .query(
             "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables \
-             WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgrelay') ORDER BY 1",
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgrelay') \
+             AND schemaname NOT LIKE 'pg\\_temp%' ORDER BY 1",
             &[],
         )
         .await

@@ -112,10 +112,14 @@ COMMIT"
 
 /// The insert a session sends just before the client's COMMIT (extended protocol; parameters:
 /// `$1` settings, `$2` statements, both JSON text; `$3` the COPY data as `bytea[]` text or
-/// NULL). It returns the entry's `seq`, the commit's position.
+/// NULL). It returns the entry's `seq`, the commit's position. The transaction's time
+/// (`pgrelay.now()`, the leader's `now()` unless pgrelay set it) joins the settings, so the
+/// replay uses the same.
 pub const INSERT_SQL: &str = "INSERT INTO pgrelay.statement_log \
      (seq, role, settings, statements, gen_values, copy_data) \
-     VALUES (pg_catalog.nextval('pgrelay.statement_seq'), session_user, $1::jsonb, $2::jsonb, \
+     VALUES (pg_catalog.nextval('pgrelay.statement_seq'), session_user, \
+     $1::jsonb || pg_catalog.jsonb_build_array('SET LOCAL pgrelay.now = ' || pg_catalog.quote_literal( \
+     pg_catalog.to_char(pgrelay.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00')), $2::jsonb, \
      nullif(pg_catalog.current_setting('pgrelay.values', true), ''), $3::bytea[]) RETURNING seq";
 
 /// Takes the ordering lock (sent before the first write when `serialize_writes` is on, else
