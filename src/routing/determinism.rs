@@ -34,11 +34,11 @@ mod tests;
 
 use std::collections::HashSet;
 
-pub use catalog::{Body, Catalog, Column, Identity};
+pub use catalog::{Body, Catalog, Column, Identity, Trigger};
 
 use super::classify::statement_spans;
 use super::lexer::{StringMode, Token, TokenKind};
-use defaults::{copy_from, fill, insert, is_temp, resolve_table, Insert, InsertIn};
+use defaults::{check_triggers, copy_from, fill, insert, is_temp, resolve_table, Insert, InsertIn};
 use expr::{check_body, literal_body, scan, Generators};
 use tokens::{apply, split_commas, tokenize, Edit, Toks};
 
@@ -354,6 +354,7 @@ fn update(
         }
         // `SET col = DEFAULT`: the default runs per row.
         if let Some(table) = resolve_table(parts, cx) {
+            check_triggers(&table, cx)?;
             for k in i..to {
                 let eq = t.kind(k.wrapping_sub(1)) == Some(TokenKind::Operator)
                     && t.text(k.wrapping_sub(1)) == "=";
@@ -404,6 +405,9 @@ fn delete(
         if is_temp(&parts, cx) {
             return Ok(Kind::Local);
         }
+        if let Some(table) = resolve_table(&parts, cx) {
+            check_triggers(&table, cx)?;
+        }
     }
     let found = scan(t, at, to, Generators::PerRow, cx, edits)?;
     let using = t.depth0(at, to, "using").is_some();
@@ -430,6 +434,7 @@ fn merge(
         }
         serialized(true, "MERGE", cx)?;
         if let Some(table) = resolve_table(&parts, cx) {
+            check_triggers(&table, cx)?;
             for k in i..to {
                 if !(t.is(k, "insert") && t.is(k.wrapping_sub(1), "then")) {
                     continue;

@@ -17,6 +17,15 @@ pub struct Catalog {
     procedures: HashMap<String, Vec<Body>>,
     /// (schema, table) -> columns in table order.
     tables: HashMap<(String, String), Vec<Column>>,
+    /// (schema, table) -> its enabled user triggers.
+    triggers: HashMap<(String, String), Vec<Trigger>>,
+}
+
+/// A user trigger: its function runs on every node that runs the statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub name: String,
+    pub function: Body,
 }
 
 /// One column of a table.
@@ -58,6 +67,9 @@ impl Catalog {
     ///   every ordinary and partitioned table outside the system schemas, except the
     ///   temporary tables of other sessions.
     ///
+    /// - `trigger`: schema, table, trigger, language, `pg_get_functiondef` of its function; for
+    ///   every enabled user trigger on those tables.
+    ///
     /// Needs Postgres 12 (`attgenerated`).
     pub const LOAD_SQL: &'static str = "\
 SELECT DISTINCT 'volatile' AS kind, pg_catalog.lower(p.proname::text) AS a, NULL::text AS b, \
@@ -79,7 +91,15 @@ FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamesp
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum \
 WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
-AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'";
+AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' \
+UNION ALL \
+SELECT 'trigger', n.nspname::text, c.relname::text, tg.tgname::text, l.lanname::text, \
+pg_catalog.pg_get_functiondef(tg.tgfoid), NULL, NULL, NULL \
+FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid \
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+JOIN pg_catalog.pg_proc p ON p.oid = tg.tgfoid JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D' AND c.relpersistence <> 't' \
+AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
     /// Builds the catalog from the rows of [`Self::LOAD_SQL`]; malformed rows are skipped.
     pub fn from_rows(rows: Vec<Vec<Option<String>>>) -> Catalog {
@@ -132,6 +152,19 @@ AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE
                         .or_default()
                         .push((num, column));
                 }
+                Some("trigger") => {
+                    let (Some(schema), Some(table), Some(name), lang, def) =
+                        (next(), next(), next(), next(), next())
+                    else {
+                        continue;
+                    };
+                    let readable = matches!(lang.as_deref(), Some("sql" | "plpgsql"));
+                    let function = Body(def.filter(|_| readable));
+                    cat.triggers
+                        .entry((schema, table))
+                        .or_default()
+                        .push(Trigger { name, function });
+                }
                 _ => {}
             }
         }
@@ -158,6 +191,13 @@ AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE
         self.tables
             .get(&(schema.to_owned(), table.to_owned()))
             .map(Vec::as_slice)
+    }
+
+    /// The enabled user triggers on `schema.table`.
+    pub fn triggers(&self, schema: &str, table: &str) -> &[Trigger] {
+        self.triggers
+            .get(&(schema.to_owned(), table.to_owned()))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Adds a table (for tests and for callers that learn of a table another way).

@@ -4,7 +4,8 @@
 //! See <https://www.postgresql.org/docs/current/sql-insert.html>.
 
 use super::super::lexer::{StringMode, TokenKind};
-use super::catalog::{Column, Identity};
+use super::catalog::{Column, Identity, Trigger};
+use super::expr::check_body;
 use super::expr::{scan, Generators};
 use super::tokens::{apply, quote_ident, quote_literal, tokenize, Edit, Toks};
 use super::{Context, Unsafe};
@@ -14,6 +15,7 @@ pub(super) struct Table<'c> {
     /// `schema.table` as the client is told.
     pub name: String,
     pub columns: &'c [Column],
+    pub triggers: &'c [Trigger],
 }
 
 /// Resolves a (folded) relation name as Postgres would: qualified, or the first schema of the
@@ -24,6 +26,7 @@ pub(super) fn resolve_table<'c>(parts: &[String], cx: &Context<'c>) -> Option<Ta
         cx.catalog.table(schema, table).map(|columns| Table {
             name: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             columns,
+            triggers: cx.catalog.triggers(schema, table),
         })
     };
     match parts {
@@ -31,6 +34,24 @@ pub(super) fn resolve_table<'c>(parts: &[String], cx: &Context<'c>) -> Option<Ta
         [schema, table] | [_, schema, table] => found(schema, table),
         _ => None,
     }
+}
+
+/// The table's triggers run on the followers too: each trigger function is checked like a DO
+/// block (pgrelay cannot rewrite inside it).
+pub(super) fn check_triggers(table: &Table<'_>, cx: &Context<'_>) -> Result<(), Unsafe> {
+    for trigger in table.triggers {
+        let what = format!("trigger {} on {}", quote_ident(&trigger.name), table.name);
+        match &trigger.function.0 {
+            Some(body) => check_body(body, &what, cx, 1)?,
+            None => {
+                return Err(Unsafe::new(
+                    what.clone(),
+                    format!("pgrelay cannot read the function of {what} (not SQL or PL/pgSQL), so it cannot tell whether it runs the same on the followers"),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The relation is one of this session's temporary tables (`pg_temp.x`, or an unqualified name
@@ -211,6 +232,7 @@ pub(super) fn insert(
     let Some(table) = resolve_table(&parts, cx) else {
         return scan_all(gens, edits);
     };
+    check_triggers(&table, cx)?;
     let candidates = fill_candidates(&table, cx);
     if candidates.is_empty() {
         return scan_all(gens, edits);
@@ -391,6 +413,7 @@ pub(super) fn copy_from(
     listed: Option<&[String]>,
     cx: &Context<'_>,
 ) -> Result<(), Unsafe> {
+    check_triggers(table, cx)?;
     for (col, _) in fill_candidates(table, cx) {
         if !listed.is_some_and(|l| l.contains(&col.name)) {
             return Err(Unsafe::new(

@@ -72,6 +72,35 @@ fn catalog() -> Catalog {
             "CREATE OR REPLACE PROCEDURE public.p_bad()\n LANGUAGE plpgsql\nAS $procedure$ BEGIN UPDATE plain SET b = now()::text; END $procedure$\n",
         ]),
         row(&["procedure", "p_c", "c", "CREATE PROCEDURE ..."]),
+        column("public", "trg", "a", "1", ""),
+        column("public", "trg", "at", "2", ""),
+        row(&[
+            "trigger",
+            "public",
+            "trg",
+            "stamp",
+            "plpgsql",
+            "CREATE OR REPLACE FUNCTION public.stamp()\n RETURNS trigger\n LANGUAGE plpgsql\nAS $function$ BEGIN NEW.at := now(); RETURN NEW; END $function$\n",
+        ]),
+        column("public", "trg2", "a", "1", ""),
+        row(&[
+            "trigger",
+            "public",
+            "trg2",
+            "keep_at",
+            "plpgsql",
+            "CREATE OR REPLACE FUNCTION public.keep_at()\n RETURNS trigger\n LANGUAGE plpgsql\nAS $function$ BEGIN NEW.at := pgrelay.now(); RETURN NEW; END $function$\n",
+        ]),
+        row(&["trigger", "public", "trg2", "c_trigger", "c", "..."]),
+        column("public", "trg3", "a", "1", ""),
+        row(&[
+            "trigger",
+            "public",
+            "trg3",
+            "ok",
+            "sql",
+            "CREATE FUNCTION public.ok() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.a := NEW.a + 1; RETURN NEW; END $$",
+        ]),
         // Malformed rows are skipped.
         row(&["column", "public"]),
         row(&["column", "public", "t", "x", "not a number", "", "", "", ""]),
@@ -161,6 +190,8 @@ fn catalog_loads_from_rows() {
     assert_eq!(c.procedure("p_ok").len(), 1);
     assert_eq!(c.procedure("p_c")[0].0, None);
     assert!(c.procedure("nope").is_empty());
+    assert_eq!(c.triggers("public", "trg")[0].name, "stamp");
+    assert!(c.triggers("public", "plain").is_empty());
     for kind in [
         "'volatile'",
         "'procedure'",
@@ -594,6 +625,28 @@ fn do_blocks_and_procedures() {
         "CALL p_ok(pgrelay.now(), pgrelay.nextval('s'))",
     );
     unsafe_("DO $$BEGIN CALL p_bad(); END$$", "now()");
+}
+
+#[test]
+fn triggers_are_checked() {
+    let reason = unsafe_("INSERT INTO trg (a) VALUES (1)", "now()");
+    assert!(
+        reason.starts_with("trigger stamp on public.trg calls now()"),
+        "{reason}"
+    );
+    unsafe_("UPDATE trg SET a = 2", "now()");
+    unsafe_("DELETE FROM public.trg", "now()");
+    unsafe_("COPY trg FROM STDIN", "now()");
+    unsafe_(
+        "INSERT INTO trg2 (a) VALUES (1)",
+        "trigger c_trigger on public.trg2",
+    );
+    keep("INSERT INTO trg3 (a) VALUES (1)");
+    keep("UPDATE trg3 SET a = 2");
+    // Temporary tables never reach the check.
+    let mut env = Env::new();
+    env.temp.insert("trg".into());
+    assert_eq!(env.run("INSERT INTO trg (a) VALUES (1)"), Outcome::Local);
 }
 
 #[test]
