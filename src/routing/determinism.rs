@@ -38,7 +38,9 @@ pub use catalog::{Body, Catalog, Column, Identity, Trigger};
 
 use super::classify::statement_spans;
 use super::lexer::{StringMode, Token, TokenKind};
-use defaults::{check_triggers, copy_from, fill, insert, is_temp, resolve_table, Insert, InsertIn};
+use defaults::{
+    check_target, check_triggers, copy_from, fill, insert, is_temp, resolve_table, Insert, InsertIn,
+};
 use expr::{check_body, literal_body, scan, Generators};
 use tokens::{apply, split_commas, tokenize, Edit, Toks};
 
@@ -352,6 +354,7 @@ fn update(
         if is_temp(parts, cx) {
             return Ok(Kind::Local);
         }
+        check_target(parts, false, cx)?;
         // `SET col = DEFAULT`: the default runs per row.
         if let Some(table) = resolve_table(parts, cx) {
             check_triggers(&table, cx)?;
@@ -405,6 +408,7 @@ fn delete(
         if is_temp(&parts, cx) {
             return Ok(Kind::Local);
         }
+        check_target(&parts, false, cx)?;
         if let Some(table) = resolve_table(&parts, cx) {
             check_triggers(&table, cx)?;
         }
@@ -433,6 +437,7 @@ fn merge(
             return Ok(Kind::Local);
         }
         serialized(true, "MERGE", cx)?;
+        check_target(&parts, true, cx)?;
         if let Some(table) = resolve_table(&parts, cx) {
             check_triggers(&table, cx)?;
             for k in i..to {
@@ -627,6 +632,7 @@ fn copy(t: &Toks<'_>, at: usize, to: usize, cx: &Context<'_>) -> Result<Kind, Un
     if is_temp(&parts, cx) {
         return Ok(Kind::Local);
     }
+    check_target(&parts, true, cx)?;
     if !t.is(j + 1, "stdin") {
         return Err(Unsafe::new(
             "COPY ... FROM a file or program",

@@ -4,7 +4,7 @@
 //! See <https://www.postgresql.org/docs/current/sql-insert.html>.
 
 use super::super::lexer::{StringMode, TokenKind};
-use super::catalog::{Column, Identity, Trigger};
+use super::catalog::{Column, Identity, Relkind, Trigger};
 use super::expr::check_body;
 use super::expr::{scan, Generators};
 use super::tokens::{apply, quote_ident, quote_literal, tokenize, Edit, Toks};
@@ -29,10 +29,40 @@ pub(super) fn resolve_table<'c>(parts: &[String], cx: &Context<'c>) -> Option<Ta
             triggers: cx.catalog.triggers(schema, table),
         })
     };
+    let (schema, table) = relation(parts, cx)?;
+    found(schema, table)
+}
+
+/// The schema and name a (folded) relation name resolves to.
+fn relation<'n>(parts: &'n [String], cx: &Context<'n>) -> Option<(&'n str, &'n str)> {
     match parts {
-        [table] => cx.search_path.iter().find_map(|s| found(s, table)),
-        [schema, table] | [_, schema, table] => found(schema, table),
+        [table] => Some((cx.catalog.schema_of(cx.search_path, table)?, table.as_str())),
+        [schema, table] | [_, schema, table] => Some((schema.as_str(), table.as_str())),
         _ => None,
+    }
+}
+
+/// A write to a foreign table (each node would write to the remote server), or an insert
+/// through a view (pgrelay cannot see which defaults and triggers it runs), is unsafe.
+pub(super) fn check_target(
+    parts: &[String],
+    inserts: bool,
+    cx: &Context<'_>,
+) -> Result<(), Unsafe> {
+    let Some((schema, name)) = relation(parts, cx) else {
+        return Ok(());
+    };
+    let construct = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    match cx.catalog.other_relation(schema, name) {
+        Some(Relkind::Foreign) => Err(Unsafe::new(
+            construct,
+            "a foreign table: every follower would write to the remote server again",
+        )),
+        Some(Relkind::View) if inserts => Err(Unsafe::new(
+            construct,
+            "an INSERT through a view: pgrelay cannot see which defaults and triggers it runs; insert into the table",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -198,6 +228,7 @@ pub(super) fn insert(
     if is_temp(&parts, cx) {
         return Ok(Insert::Temp);
     }
+    check_target(&parts, true, cx)?;
     let mut name_end = j - 1;
     if t.is(j, "as") && t.is_name(j + 1) {
         name_end = j + 1;

@@ -72,6 +72,12 @@ fn catalog() -> Catalog {
             "CREATE OR REPLACE PROCEDURE public.p_bad()\n LANGUAGE plpgsql\nAS $procedure$ BEGIN UPDATE plain SET b = now()::text; END $procedure$\n",
         ]),
         row(&["procedure", "p_c", "c", "CREATE PROCEDURE ..."]),
+        row(&["relation", "public", "v", "v"]),
+        row(&["relation", "public", "ft", "f"]),
+        row(&["relation", "public", "s", "S"]),
+        // A view earlier in the search path hides the table `t` in `app`.
+        row(&["relation", "shadow", "t", "v"]),
+        column("shadow2", "t", "id", "1", "nextval('x'::regclass)"),
         column("public", "trg", "a", "1", ""),
         column("public", "trg", "at", "2", ""),
         row(&[
@@ -647,6 +653,26 @@ fn triggers_are_checked() {
     let mut env = Env::new();
     env.temp.insert("trg".into());
     assert_eq!(env.run("INSERT INTO trg (a) VALUES (1)"), Outcome::Local);
+}
+
+#[test]
+fn views_and_foreign_tables() {
+    unsafe_("INSERT INTO v (a) VALUES (1)", "public.v");
+    unsafe_("COPY v FROM STDIN", "public.v");
+    keep("UPDATE v SET a = 1");
+    unsafe_("UPDATE ft SET a = 1", "public.ft");
+    unsafe_("DELETE FROM public.ft", "public.ft");
+    unsafe_("INSERT INTO ft VALUES (1)", "public.ft");
+    let mut env = Env::new();
+    env.path = vec!["shadow".into(), "shadow2".into()];
+    assert!(
+        matches!(env.run("INSERT INTO t (a) VALUES (1)"), Outcome::Unsafe(u) if u.construct == "shadow.t")
+    );
+    env.path = vec!["shadow2".into(), "shadow".into()];
+    assert_eq!(
+        env.run("INSERT INTO t (a) VALUES (1)"),
+        Outcome::Rewrite("INSERT INTO t (a, id) VALUES (1, pgrelay.nextval('x'::regclass))".into())
+    );
 }
 
 #[test]
