@@ -381,9 +381,20 @@ pub(super) fn check_body(
     };
     let t = Toks::new(text, &toks);
     let mentions = |construct: &str| {
+        let time = matches!(
+            construct,
+            "now()" | "transaction_timestamp()" | "statement_timestamp()"
+        ) || TIME_KEYWORDS
+            .iter()
+            .any(|(kw, _)| kw.eq_ignore_ascii_case(construct));
+        let hint = if time {
+            " (call pgrelay.now() there for the transaction's time)"
+        } else {
+            ""
+        };
         Unsafe::new(
             construct,
-            format!("{what} calls {construct}, which returns something else on the followers; pgrelay cannot rewrite inside it"),
+            format!("{what} calls {construct}, which returns something else on the followers; pgrelay cannot rewrite inside it{hint}"),
         )
     };
     for i in 0..t.len() {

@@ -459,6 +459,11 @@ fn update_set_default() {
         "UPDATE t SET created_at = pgrelay.now() WHERE id = 1",
     );
     unsafe_("UPDATE t SET id = DEFAULT", "public.t.id");
+    unsafe_(
+        "UPDATE t SET (name, created_at) = ('a', DEFAULT)",
+        "DEFAULT in a multi-column SET",
+    );
+    keep("UPDATE plain SET (a, b) = (1, DEFAULT)");
     keep("UPDATE plain SET b = DEFAULT");
 }
 
@@ -643,6 +648,14 @@ fn triggers_are_checked() {
     unsafe_("UPDATE trg SET a = 2", "now()");
     unsafe_("DELETE FROM public.trg", "now()");
     unsafe_("COPY trg FROM STDIN", "now()");
+    unsafe_(
+        "WITH x AS (UPDATE trg SET a = 1 RETURNING a) SELECT * FROM x",
+        "now()",
+    );
+    assert_eq!(
+        run("WITH x AS (DELETE FROM tmp RETURNING a) DELETE FROM pg_temp.y"),
+        Outcome::Local
+    );
     unsafe_(
         "INSERT INTO trg2 (a) VALUES (1)",
         "trigger c_trigger on public.trg2",
