@@ -12,8 +12,8 @@
 //!    the order they were produced: only where that order is fixed (`INSERT ... VALUES`, a
 //!    SELECT without FROM, arguments of CALL and EXECUTE). `currval()`/`lastval()` are unsafe.
 //! 3. Columns left to a non-deterministic default (a sequence, an identity, the time, a random
-//!    value) are filled in explicitly ([`defaults`]).
-//! 4. Any other volatile function is unsafe ([`expr`]).
+//!    value) are filled in explicitly (`defaults`).
+//! 4. Any other volatile function is unsafe (`expr`).
 //! 5. With `serialize_writes = false`, a write that reads other rows is unsafe: concurrent
 //!    transactions may change them before the follower replays it.
 //! 6. DDL runs as is, except `ADD COLUMN` with a non-deterministic default; CREATE TABLE AS,
@@ -21,9 +21,9 @@
 //!    procedures are checked, not rewritten.
 //! 7. Writes to the session's temporary tables are [`Outcome::Local`].
 //!
-//! Layout: [`catalog`] (what pgrelay loads from the leader), [`expr`] (rules 1, 2, 4 on tokens,
-//! and the check of bodies it cannot rewrite), [`defaults`] (rule 3 and INSERT), [`dml`]
-//! (UPDATE, DELETE, MERGE, queries, WITH), [`utility`] (DDL, COPY, DO, CALL), [`tokens`]
+//! Layout: `catalog` (what pgrelay loads from the leader), `expr` (rules 1, 2, 4 on tokens,
+//! and the check of bodies it cannot rewrite), `defaults` (rule 3 and INSERT), `dml`
+//! (UPDATE, DELETE, MERGE, queries, WITH), `utility` (DDL, COPY, DO, CALL), `tokens`
 //! (token helpers and text splicing).
 //!
 //! See <https://www.postgresql.org/docs/current/xfunc-volatility.html> and
@@ -158,17 +158,21 @@ pub fn make_deterministic(sql: &str, cx: &Context<'_>) -> Outcome {
 pub fn temp_table_created(sql: &str) -> Option<String> {
     let (toks, _) = tokenize(sql, StringMode::Standard)?;
     let spans = statement_spans(sql, StringMode::Standard).ok()?;
-    spans.into_iter().find_map(|(a, b)| {
-        let t = Toks::new(sql, statement_tokens(&toks, a, b));
-        let (temp, i) = utility::create_prefix(&t);
-        if !t.is(i, "table") {
-            return None;
-        }
-        let i = if t.is(i + 1, "if") { i + 4 } else { i + 1 };
-        let (parts, _) = t.qualified(i)?;
-        let pg_temp = parts.len() == 2 && parts.first().is_some_and(|s| s.starts_with("pg_temp"));
-        (temp || pg_temp).then(|| parts.last().cloned()).flatten()
-    })
+    spans
+        .into_iter()
+        .find_map(|(a, b)| creates_temp_table(&Toks::new(sql, statement_tokens(&toks, a, b))))
+}
+
+/// The temporary table one statement creates.
+fn creates_temp_table(t: &Toks<'_>) -> Option<String> {
+    let (temp, i) = utility::create_prefix(t);
+    if !t.is(i, "table") {
+        return None;
+    }
+    let i = if t.is(i + 1, "if") { i + 4 } else { i + 1 };
+    let (parts, _) = t.qualified(i)?;
+    let pg_temp = parts.len() == 2 && parts.first().is_some_and(|s| s.starts_with("pg_temp"));
+    (temp || pg_temp).then(|| parts.last().cloned()).flatten()
 }
 
 /// The tokens of the statement spanning bytes `a..b`.
@@ -194,9 +198,23 @@ fn run(sql: &str, mode: StringMode, cx: &Context<'_>) -> Option<(Outcome, bool)>
     let spans = statement_spans(sql, mode).ok()?;
     let mut edits = Vec::new();
     let (mut local, mut replicated) = (false, false);
+    // Temporary tables created by earlier statements of the string.
+    let mut temp_tables: Option<HashSet<String>> = None;
     for (a, b) in spans {
         let t = Toks::new(sql, statement_tokens(&toks, a, b));
-        match statement(&t, 0, t.len(), cx, &mut edits, 0) {
+        let outcome = {
+            let cx = Context {
+                temp_tables: temp_tables.as_ref().unwrap_or(cx.temp_tables),
+                ..*cx
+            };
+            statement(&t, 0, t.len(), &cx, &mut edits, 0)
+        };
+        if let Some(name) = creates_temp_table(&t) {
+            temp_tables
+                .get_or_insert_with(|| cx.temp_tables.clone())
+                .insert(name);
+        }
+        match outcome {
             Err(u) => return Some((Outcome::Unsafe(u), ambiguous)),
             Ok(Kind::Local) => local = true,
             Ok(Kind::Replicated) => replicated = true,

@@ -531,6 +531,10 @@ fn temporary_tables_are_local() {
     ] {
         assert_eq!(run(sql), Outcome::Local, "{sql}");
     }
+    assert_eq!(
+        run("CREATE TEMP TABLE x (a int); INSERT INTO x VALUES (1); UPDATE x SET a = 2"),
+        Outcome::Local
+    );
     // A quoted name keeps its case: "TMP" is not tmp.
     keep("INSERT INTO \"TMP\" VALUES (1)");
     keep("TRUNCATE plain");
@@ -584,6 +588,10 @@ fn ddl() {
     );
     assert!(reason.contains("existing rows"), "{reason}");
     unsafe_("ALTER TABLE plain ADD COLUMN id bigserial", "bigserial");
+    unsafe_(
+        "ALTER TABLE plain ADD COLUMN n text DEFAULT coalesce(NULL, now()::text) NOT NULL",
+        "DEFAULT coalesce(NULL, now()::text)",
+    );
     unsafe_(
         "ALTER TABLE plain ADD id int GENERATED ALWAYS AS IDENTITY",
         "GENERATED AS IDENTITY",
@@ -804,4 +812,106 @@ fn never_panics_on_prefixes() {
             }
         }
     }
+}
+
+#[test]
+fn never_panics_on_token_soup() {
+    const WORDS: &[&str] = &[
+        "INSERT",
+        "INTO",
+        "t",
+        "a",
+        "tmp",
+        "VALUES",
+        "DEFAULT",
+        "SELECT",
+        "FROM",
+        "WITH",
+        "AS",
+        "UPDATE",
+        "SET",
+        "DELETE",
+        "USING",
+        "MERGE",
+        "WHEN",
+        "THEN",
+        "COPY",
+        "STDIN",
+        "CREATE",
+        "TEMP",
+        "TABLE",
+        "ALTER",
+        "ADD",
+        "COLUMN",
+        "DO",
+        "CALL",
+        "EXECUTE",
+        "PREPARE",
+        "EXPLAIN",
+        "ANALYZE",
+        "now",
+        "random",
+        "nextval",
+        "CURRENT_TIMESTAMP",
+        "OVERRIDING",
+        "SYSTEM",
+        "VALUE",
+        "(",
+        ")",
+        "(",
+        ")",
+        ",",
+        ";",
+        ".",
+        "=",
+        "::",
+        "'now'",
+        "$1",
+        "1",
+        "\"Items\"",
+        "app",
+        "$$ BEGIN now(); END $$",
+        "pg_temp",
+        "RETURNING",
+        "ON",
+        "CONFLICT",
+        "INTO",
+        "serial",
+    ];
+    let env = Env::new();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) as usize
+    };
+    for _ in 0..5000 {
+        let n = next() % 40;
+        let sql: Vec<&str> = (0..n).map(|_| WORDS[next() % WORDS.len()]).collect();
+        let sql = sql.join(" ");
+        let _ = env.run(&sql);
+        let _ = temp_table_created(&sql);
+    }
+}
+
+#[test]
+fn large_statements_take_linear_time() {
+    let started = std::time::Instant::now();
+    let rows = vec!["('a')"; 20_000].join(", ");
+    let out = run(&format!("INSERT INTO t (name) VALUES {rows}"));
+    assert!(matches!(out, Outcome::Rewrite(s) if s.matches("pgrelay.now()").count() == 20_000));
+    let deep = format!("SELECT {}now(){}", "(".repeat(20_000), ")".repeat(20_000));
+    assert!(matches!(run(&deep), Outcome::Rewrite(_)));
+    let defaults = format!(
+        "UPDATE t SET {}",
+        vec!["created_at = DEFAULT"; 5_000].join(", ")
+    );
+    assert!(matches!(run(&defaults), Outcome::Rewrite(_)));
+    let adds = format!(
+        "ALTER TABLE plain ADD COLUMN c int {}",
+        "DEFAULT 0 ".repeat(5_000)
+    );
+    assert_eq!(run(&adds), Outcome::Keep);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }

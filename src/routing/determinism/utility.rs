@@ -247,7 +247,8 @@ pub(super) fn alter(
                      node; add the column, then fill it with UPDATE",
                 )
             };
-            for k in a..b {
+            let mut k = a;
+            while k < b {
                 if t.is_any(k, SERIAL) {
                     return Err(added(t.text(k)));
                 }
@@ -255,14 +256,18 @@ pub(super) fn alter(
                     return Err(added("GENERATED AS IDENTITY"));
                 }
                 if t.is(k, "default") {
-                    let end = (k + 1..b).find(|&e| t.is_any(e, CONSTRAINT)).unwrap_or(b);
+                    // The expression ends at the next column constraint outside parentheses.
+                    let end = t.depth0_any(k + 1, b, CONSTRAINT).unwrap_or(b);
                     let mut scratch = Vec::new();
                     let text = t.sql.get(t.start(k + 1)..t.end(end - 1)).unwrap_or("");
                     match scan(t, k + 1, end, Generators::Once, cx, &mut scratch) {
                         Ok(_) if scratch.is_empty() => {}
                         _ => return Err(added(&format!("DEFAULT {text}"))),
                     }
+                    k = end;
+                    continue;
                 }
+                k += 1;
             }
         } else if let Some(u) = (a..b).find(|&k| t.is(k, "using")) {
             scan(t, u + 1, b, Generators::PerRow, cx, edits)?;
