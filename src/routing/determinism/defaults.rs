@@ -215,6 +215,7 @@ pub(super) fn insert(
             return Ok(Insert::Done { reads: false });
         }
         let found = scan(t, at, to, gens, cx, edits)?;
+        found.check_row_choice()?;
         Ok(Insert::Done {
             reads: found.top_reads || found.subquery_reads,
         })

@@ -63,6 +63,7 @@ pub(super) fn update(
         }
     }
     let found = scan(t, at, to, Generators::PerRow, cx, edits)?;
+    found.check_row_choice()?;
     serialized(
         found.top_reads || found.subquery_reads,
         "UPDATE reading other rows",
@@ -93,6 +94,7 @@ pub(super) fn delete(
         }
     }
     let found = scan(t, at, to, Generators::PerRow, cx, edits)?;
+    found.check_row_choice()?;
     let using = t.depth0(at, to, "using").is_some();
     serialized(
         using || found.subquery_reads,
@@ -139,7 +141,7 @@ pub(super) fn merge(
             }
         }
     }
-    scan(t, at, to, Generators::PerRow, cx, edits)?;
+    scan(t, at, to, Generators::PerRow, cx, edits)?.check_row_choice()?;
     Ok(Kind::Replicated)
 }
 
@@ -171,6 +173,7 @@ pub(super) fn query(
     }
     let found = scan(t, at, to, Generators::Query, cx, edits)?;
     if into.is_some() {
+        found.check_row_choice()?;
         serialized(
             found.top_reads || found.subquery_reads,
             "SELECT ... INTO",
@@ -249,6 +252,9 @@ pub(super) fn with(
     }
     serialized(writes > 0, "WITH", cx)?;
     let found = scan(t, at, to, Generators::PerRow, cx, edits)?;
+    if writes > 0 {
+        found.check_row_choice()?;
+    }
     Ok(if writes > 0 || found.generator {
         Kind::Replicated
     } else {

@@ -318,6 +318,15 @@ fn volatile_functions_are_unsafe() {
     unsafe_("SELECT txid_current()", "txid_current()");
     unsafe_("SELECT lo_create(0)", "lo_create()");
     unsafe_("SELECT random(1, 10)", "random()");
+    // Without a catalog too.
+    let mut env = Env::new();
+    env.catalog = Catalog::default();
+    assert!(
+        matches!(env.run("SELECT random(1, 10)"), Outcome::Unsafe(u) if u.construct == "random()")
+    );
+    assert!(
+        matches!(env.run("SELECT clock_timestamp()"), Outcome::Unsafe(u) if u.construct == "clock_timestamp()")
+    );
     keep("SELECT pg_advisory_xact_lock(1), set_config('a.b', 'c', true), pg_notify('ch', 'x')");
     keep("SELECT pg_sleep(0.1), setseed(0.5)");
 }
@@ -465,6 +474,40 @@ fn update_set_default() {
     );
     keep("UPDATE plain SET (a, b) = (1, DEFAULT)");
     keep("UPDATE plain SET b = DEFAULT");
+}
+
+#[test]
+fn rows_chosen_by_physical_order_or_locks_are_unsafe() {
+    unsafe_(
+        "DELETE FROM plain WHERE a IN (SELECT a FROM plain LIMIT 10)",
+        "LIMIT without ORDER BY",
+    );
+    unsafe_(
+        "UPDATE plain SET b = 'x' WHERE a = (SELECT a FROM plain ORDER BY a LIMIT 1 FOR UPDATE SKIP LOCKED)",
+        "SKIP LOCKED",
+    );
+    unsafe_(
+        "INSERT INTO plain (a) SELECT a FROM plain OFFSET 5",
+        "OFFSET without ORDER BY",
+    );
+    unsafe_(
+        "INSERT INTO plain SELECT * FROM plain TABLESAMPLE SYSTEM (10)",
+        "TABLESAMPLE",
+    );
+    unsafe_(
+        "CREATE TABLE z AS SELECT * FROM plain FETCH FIRST 3 ROWS ONLY",
+        "FETCH FIRST without ORDER BY",
+    );
+    unsafe_(
+        "SELECT a INTO z FROM plain LIMIT 1",
+        "LIMIT without ORDER BY",
+    );
+    keep("DELETE FROM plain WHERE a IN (SELECT a FROM plain ORDER BY a LIMIT 10)");
+    keep("INSERT INTO plain (a) SELECT a FROM plain ORDER BY a DESC LIMIT 1");
+    keep("UPDATE plain SET b = (SELECT string_agg(b, ',' ORDER BY b) FROM plain)");
+    // Reads may pick any rows.
+    keep("SELECT * FROM plain LIMIT 1");
+    keep("WITH x AS (SELECT * FROM plain LIMIT 1) SELECT * FROM x");
 }
 
 #[test]

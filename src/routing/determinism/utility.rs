@@ -182,6 +182,7 @@ pub(super) fn create(
         }
         if let Some(k) = sub.depth0(after, sub.len(), "as") {
             let found = scan(&sub, k + 1, sub.len(), Generators::Query, cx, edits)?;
+            found.check_row_choice()?;
             serialized(found.top_reads || found.subquery_reads, "CREATE ... AS", cx)?;
         }
     }
