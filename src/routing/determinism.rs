@@ -175,6 +175,24 @@ fn creates_temp_table(t: &Toks<'_>) -> Option<String> {
     (temp || pg_temp).then(|| parts.last().cloned()).flatten()
 }
 
+/// Whether a query string may change what [`Catalog::LOAD_SQL`] returns (CREATE, ALTER, DROP,
+/// IMPORT FOREIGN SCHEMA, SELECT ... INTO, except on temporary objects): the session loads the
+/// catalog again after it committed.
+pub fn affects_catalog(sql: &str) -> bool {
+    let Some((toks, _)) = tokenize(sql, StringMode::Standard) else {
+        return false;
+    };
+    let Ok(spans) = statement_spans(sql, StringMode::Standard) else {
+        return false;
+    };
+    spans.into_iter().any(|(a, b)| {
+        let t = Toks::new(sql, statement_tokens(&toks, a, b));
+        let (temp, _) = utility::create_prefix(&t);
+        (t.is_any(0, &["create", "alter", "drop", "import"]) && !temp)
+            || (t.is(0, "select") && t.depth0(0, t.len(), "into").is_some())
+    })
+}
+
 /// The tokens of the statement spanning bytes `a..b`.
 fn statement_tokens(toks: &[Token], a: usize, b: usize) -> &[Token] {
     let lo = toks.partition_point(|t| t.start < a);

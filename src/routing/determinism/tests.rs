@@ -958,3 +958,21 @@ fn large_statements_take_linear_time() {
     assert_eq!(run(&adds), Outcome::Keep);
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
+
+#[test]
+fn catalog_changes() {
+    assert!(affects_catalog("CREATE TABLE x (a int)"));
+    assert!(affects_catalog(
+        "BEGIN; ALTER TABLE t ADD COLUMN b int; COMMIT"
+    ));
+    assert!(affects_catalog("drop function f"));
+    assert!(affects_catalog(
+        "CREATE OR REPLACE TRIGGER x BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()"
+    ));
+    assert!(affects_catalog("SELECT 1 INTO newt"));
+    assert!(!affects_catalog("CREATE TEMP TABLE x (a int)"));
+    assert!(!affects_catalog(
+        "INSERT INTO t VALUES (1); SELECT 'CREATE TABLE'"
+    ));
+    assert!(!affects_catalog("SELECT 'unterminated"));
+}
