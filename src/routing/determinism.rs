@@ -41,7 +41,7 @@ mod tests;
 
 use std::collections::HashSet;
 
-pub use catalog::{Body, Catalog, Column, Identity, Trigger};
+pub use catalog::{Body, Catalog, Column, Identity, Relkind, Trigger};
 
 use super::classify::statement_spans;
 use super::lexer::{StringMode, Token, TokenKind};
@@ -173,6 +173,34 @@ fn creates_temp_table(t: &Toks<'_>) -> Option<String> {
     let (parts, _) = t.qualified(i)?;
     let pg_temp = parts.len() == 2 && parts.first().is_some_and(|s| s.starts_with("pg_temp"));
     (temp || pg_temp).then(|| parts.last().cloned()).flatten()
+}
+
+/// Removes from `temp_tables` what a query string drops once it succeeded: `DROP TABLE` of a
+/// temporary table (unqualified or `pg_temp.x`), all of them on `DISCARD ALL | TEMP`. A name
+/// left behind would make later writes to a real table of that name local.
+pub fn forget_temp_tables(sql: &str, temp_tables: &mut HashSet<String>) {
+    let Some((toks, _)) = tokenize(sql, StringMode::Standard) else {
+        return;
+    };
+    let Ok(spans) = statement_spans(sql, StringMode::Standard) else {
+        return;
+    };
+    for (a, b) in spans {
+        let t = Toks::new(sql, statement_tokens(&toks, a, b));
+        if t.is(0, "discard") && t.is_any(1, &["all", "temp", "temporary"]) {
+            temp_tables.clear();
+        }
+        if !(t.is(0, "drop") && t.is(1, "table")) {
+            continue;
+        }
+        for parts in utility::relations(&t, 2, t.len()).unwrap_or_default() {
+            match parts.as_slice() {
+                [name] => temp_tables.remove(name),
+                [schema, name] if schema.starts_with("pg_temp") => temp_tables.remove(name),
+                _ => false,
+            };
+        }
+    }
 }
 
 /// Whether a query string may change what [`Catalog::LOAD_SQL`] returns (CREATE, ALTER, DROP,

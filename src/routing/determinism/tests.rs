@@ -619,6 +619,20 @@ fn temp_table_names() {
 }
 
 #[test]
+fn dropped_temp_tables_are_forgotten() {
+    let mut temp: HashSet<String> = ["a", "b", "c", "Q"].iter().map(|s| s.to_string()).collect();
+    forget_temp_tables(
+        "DROP TABLE IF EXISTS a, pg_temp.b CASCADE; DROP TABLE \"Q\"",
+        &mut temp,
+    );
+    assert_eq!(temp, HashSet::from(["c".to_owned()]));
+    forget_temp_tables("DROP TABLE public.c; DROP VIEW c", &mut temp);
+    assert_eq!(temp.len(), 1);
+    forget_temp_tables("DISCARD TEMP", &mut temp);
+    assert!(temp.is_empty());
+}
+
+#[test]
 fn ddl() {
     keep("CREATE TABLE z (id serial, ts timestamptz DEFAULT now(), u uuid DEFAULT gen_random_uuid())");
     keep("ALTER TABLE plain ALTER COLUMN b SET DEFAULT now()");
