@@ -12,7 +12,8 @@
 //!    the order they were produced: only where that order is fixed (`INSERT ... VALUES`, a
 //!    SELECT without FROM, arguments of CALL and EXECUTE). `currval()`/`lastval()` are unsafe.
 //! 3. Columns left to a non-deterministic default (a sequence, an identity, the time, a random
-//!    value) are filled in explicitly (`defaults`).
+//!    value) are filled in explicitly (`defaults`): in every VALUES row, or appended to the
+//!    select list of a plain `INSERT ... SELECT` (a sequence only when it has no FROM).
 //! 4. Any other volatile function is unsafe (`expr`).
 //! 5. With `serialize_writes = false`, a write that reads other rows is unsafe: concurrent
 //!    transactions may change them before the follower replays it.

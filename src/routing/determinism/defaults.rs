@@ -335,7 +335,13 @@ pub(super) fn insert(
             continue;
         }
         let fill = fill?;
-        if !values && !default_values {
+        let query = !values && !default_values;
+        let target_end = if query {
+            select_list_end(t, j, to)
+        } else {
+            None
+        };
+        if query && target_end.is_none() {
             return Err(if fill.generator {
                 unordered(&table, col, what)
             } else {
@@ -350,6 +356,9 @@ pub(super) fn insert(
             });
         }
         let fill_once = match place {
+            // A query's values are generated once per row: in a fixed order only for a
+            // single SELECT without FROM.
+            _ if query => place != InsertIn::With && target_end.is_some_and(|(_, from)| !from),
             InsertIn::Statement => gens == Generators::Once,
             InsertIn::OnlyInsertOfWith => true,
             InsertIn::With => false,
@@ -414,12 +423,68 @@ pub(super) fn insert(
         }
         let exprs: Vec<&str> = appended.iter().map(|(_, f)| f.expr.as_str()).collect();
         let exprs = exprs.join(", ");
+        if let Some((last, _)) = select_list_end(t, j, to).filter(|_| !values) {
+            edits.push(Edit::insert(t.end(last), format!(", {exprs}")));
+        }
         for (open, close, _) in &rows {
             let sep = if *close == open + 1 { "" } else { ", " };
             edits.push(Edit::insert(t.start(*close), format!("{sep}{exprs}")));
         }
     }
     scan_all(gens, edits)
+}
+
+/// For `INSERT ... SELECT` with the SELECT at `j`: the index of the last token of its select
+/// list, and whether it has a FROM. `None` unless it is one plain SELECT with a non-empty
+/// select list (no WITH, UNION, INTERSECT or EXCEPT), where pgrelay can append expressions.
+fn select_list_end(t: &Toks<'_>, j: usize, to: usize) -> Option<(usize, bool)> {
+    const CLAUSES: &[&str] = &[
+        "from",
+        "where",
+        "group",
+        "having",
+        "window",
+        "order",
+        "limit",
+        "offset",
+        "fetch",
+        "for",
+        "returning",
+        "on",
+    ];
+    if !t.is(j, "select") {
+        return None;
+    }
+    let mut end = None;
+    let mut i = j + 1;
+    while i < to.min(t.len()) {
+        if t.kind(i) == Some(TokenKind::LParen) {
+            i = t.close(i)? + 1;
+            continue;
+        }
+        if t.is_any(i, &["union", "intersect", "except"]) {
+            return None;
+        }
+        // `a IS DISTINCT FROM b`, `SELECT DISTINCT ON (a)`: not clauses.
+        let clause = t.is_any(i, CLAUSES)
+            && !(t.is(i, "from") && t.is(i - 1, "distinct"))
+            && (!t.is(i, "on") || t.is(i + 1, "conflict"));
+        if clause && end.is_none() {
+            end = Some(i);
+        }
+        i += 1;
+    }
+    let end = end.unwrap_or(to.min(t.len()));
+    let first = if t.is_any(j + 1, &["all", "distinct"]) {
+        j + 2
+    } else {
+        j + 1
+    };
+    if end <= first {
+        return None;
+    }
+    let from = t.is(end, "from");
+    Some((end - 1, from))
 }
 
 /// The rows of `VALUES (...), (...)` at `v`: each row's parentheses and items. `None` if

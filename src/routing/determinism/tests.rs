@@ -444,15 +444,41 @@ fn defaults_that_cannot_be_made_deterministic() {
     unsafe_("INSERT INTO f (x) VALUES (1)", "my_volatile()");
     // Given explicitly: the default does not run.
     keep("INSERT INTO c (x, ts) VALUES (1, $1)");
+    // INSERT ... SELECT: the time can be added to the select list, a sequence only when there
+    // is a single row.
+    rewrite(
+        "INSERT INTO dates (x) SELECT a FROM plain WHERE a > $1 ON CONFLICT DO NOTHING",
+        "INSERT INTO dates (x, d) SELECT a, (pgrelay.now())::date FROM plain WHERE a > $1 ON CONFLICT DO NOTHING",
+    );
+    rewrite(
+        "INSERT INTO dates (x) SELECT DISTINCT a IS DISTINCT FROM 1 RETURNING d",
+        "INSERT INTO dates (x, d) SELECT DISTINCT a IS DISTINCT FROM 1, (pgrelay.now())::date RETURNING d",
+    );
+    rewrite(
+        "INSERT INTO t (name) SELECT 'a'",
+        &format!("INSERT INTO t (name, id, created_at) SELECT 'a', {SEQ_T}, pgrelay.now()"),
+    );
+    rewrite(
+        "INSERT INTO a (x) SELECT 1",
+        "INSERT INTO a (x, id) OVERRIDING SYSTEM VALUE SELECT 1, pgrelay.nextval('public.a_id_seq'::regclass)",
+    );
+    unsafe_(
+        "INSERT INTO dates (x) SELECT a FROM plain UNION SELECT 2",
+        "public.dates.d",
+    );
+    unsafe_(
+        "INSERT INTO dates (x) WITH q AS (SELECT 1) SELECT * FROM q",
+        "public.dates.d",
+    );
     let reason = unsafe_("INSERT INTO t (name) SELECT b FROM plain", "public.t.id");
     assert_eq!(
         reason,
         "INSERT ... SELECT into a table with a sequence or volatile default (id): the follower may number the rows in another order"
     );
     unsafe_("INSERT INTO t SELECT * FROM t", "public.t.id");
-    unsafe_(
+    rewrite(
         "INSERT INTO t (id, name) SELECT 1, b FROM plain",
-        "public.t.created_at",
+        "INSERT INTO t (id, name, created_at) SELECT 1, b, pgrelay.now() FROM plain",
     );
     keep("INSERT INTO t (id, name, created_at) SELECT 1, b, $1 FROM plain");
     unsafe_(
@@ -807,9 +833,13 @@ fn writable_ctes() {
         "WITH x AS (INSERT INTO t (name) VALUES ('a') RETURNING id) SELECT id, now() FROM x",
         &format!("WITH x AS (INSERT INTO t (name, id, created_at) VALUES ('a', {SEQ_T}, pgrelay.now()) RETURNING id) SELECT id, pgrelay.now() FROM x"),
     );
-    // The default cannot be added to a query's rows.
-    let reason = unsafe_(
+    // The time is added to the main INSERT's select list.
+    rewrite(
         "WITH x AS (SELECT 1 AS a) INSERT INTO dates (x) SELECT a FROM x",
+        "WITH x AS (SELECT 1 AS a) INSERT INTO dates (x, d) SELECT a, (pgrelay.now())::date FROM x",
+    );
+    let reason = unsafe_(
+        "WITH x AS (SELECT 1 AS a) INSERT INTO dates (x) SELECT a FROM x UNION SELECT 1",
         "public.dates.d",
     );
     assert_eq!(
