@@ -12,8 +12,9 @@
 //!    the order they were produced: only where that order is fixed (`INSERT ... VALUES`, a
 //!    SELECT without FROM, arguments of CALL and EXECUTE). `currval()`/`lastval()` are unsafe.
 //! 3. Columns left to a non-deterministic default (a sequence, an identity, the time, a random
-//!    value) are filled in explicitly ([`defaults`]).
-//! 4. Any other volatile function is unsafe ([`expr`]).
+//!    value) are filled in explicitly (`defaults`): in every VALUES row, or appended to the
+//!    select list of a plain `INSERT ... SELECT` (a sequence only when it has no FROM).
+//! 4. Any other volatile function is unsafe (`expr`).
 //! 5. With `serialize_writes = false`, a write that reads other rows is unsafe: concurrent
 //!    transactions may change them before the follower replays it.
 //! 6. DDL runs as is, except `ADD COLUMN` with a non-deterministic default; CREATE TABLE AS,
@@ -21,26 +22,33 @@
 //!    procedures are checked, not rewritten.
 //! 7. Writes to the session's temporary tables are [`Outcome::Local`].
 //!
+//! Layout: `catalog` (what pgrelay loads from the leader), `expr` (rules 1, 2, 4 on tokens,
+//! and the check of bodies it cannot rewrite), `defaults` (rule 3 and INSERT), `dml`
+//! (UPDATE, DELETE, MERGE, queries, WITH), `utility` (DDL, COPY, DO, CALL), `tokens`
+//! (token helpers and text splicing).
+//!
 //! See <https://www.postgresql.org/docs/current/xfunc-volatility.html> and
 //! <https://www.postgresql.org/docs/current/functions-datetime.html#FUNCTIONS-DATETIME-CURRENT>.
 
 mod catalog;
 mod defaults;
+mod dml;
 mod expr;
 mod tokens;
+mod utility;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::HashSet;
 
-pub use catalog::{Body, Catalog, Column, Identity};
+pub use catalog::{Body, Catalog, Column, Identity, Relkind, Trigger};
 
 use super::classify::statement_spans;
 use super::lexer::{StringMode, Token, TokenKind};
-use defaults::{copy_from, fill, insert, is_temp, resolve_table, Insert, InsertIn};
-use expr::{check_body, literal_body, scan, Generators};
-use tokens::{apply, split_commas, tokenize, Edit, Toks};
+use defaults::{insert, Insert, InsertIn};
+use expr::{scan, Generators};
+use tokens::{apply, tokenize, Edit, Toks};
 
 /// What [`make_deterministic`] needs to know about the session.
 #[derive(Debug, Clone, Copy)]
@@ -151,16 +159,66 @@ pub fn make_deterministic(sql: &str, cx: &Context<'_>) -> Outcome {
 pub fn temp_table_created(sql: &str) -> Option<String> {
     let (toks, _) = tokenize(sql, StringMode::Standard)?;
     let spans = statement_spans(sql, StringMode::Standard).ok()?;
-    spans.into_iter().find_map(|(a, b)| {
+    spans
+        .into_iter()
+        .find_map(|(a, b)| creates_temp_table(&Toks::new(sql, statement_tokens(&toks, a, b))))
+}
+
+/// The temporary table one statement creates.
+fn creates_temp_table(t: &Toks<'_>) -> Option<String> {
+    let (temp, i) = utility::create_prefix(t);
+    if !t.is(i, "table") {
+        return None;
+    }
+    let i = if t.is(i + 1, "if") { i + 4 } else { i + 1 };
+    let (parts, _) = t.qualified(i)?;
+    let pg_temp = parts.len() == 2 && parts.first().is_some_and(|s| s.starts_with("pg_temp"));
+    (temp || pg_temp).then(|| parts.last().cloned()).flatten()
+}
+
+/// Removes from `temp_tables` what a query string drops once it succeeded: `DROP TABLE` of a
+/// temporary table (unqualified or `pg_temp.x`), all of them on `DISCARD ALL | TEMP`. A name
+/// left behind would make later writes to a real table of that name local.
+pub fn forget_temp_tables(sql: &str, temp_tables: &mut HashSet<String>) {
+    let Some((toks, _)) = tokenize(sql, StringMode::Standard) else {
+        return;
+    };
+    let Ok(spans) = statement_spans(sql, StringMode::Standard) else {
+        return;
+    };
+    for (a, b) in spans {
         let t = Toks::new(sql, statement_tokens(&toks, a, b));
-        let (temp, i) = create_prefix(&t);
-        if !t.is(i, "table") {
-            return None;
+        if t.is(0, "discard") && t.is_any(1, &["all", "temp", "temporary"]) {
+            temp_tables.clear();
         }
-        let i = if t.is(i + 1, "if") { i + 4 } else { i + 1 };
-        let (parts, _) = t.qualified(i)?;
-        let pg_temp = parts.len() == 2 && parts.first().is_some_and(|s| s.starts_with("pg_temp"));
-        (temp || pg_temp).then(|| parts.last().cloned()).flatten()
+        if !(t.is(0, "drop") && t.is(1, "table")) {
+            continue;
+        }
+        for parts in utility::relations(&t, 2, t.len()).unwrap_or_default() {
+            match parts.as_slice() {
+                [name] => temp_tables.remove(name),
+                [schema, name] if schema.starts_with("pg_temp") => temp_tables.remove(name),
+                _ => false,
+            };
+        }
+    }
+}
+
+/// Whether a query string may change what [`Catalog::LOAD_SQL`] returns (CREATE, ALTER, DROP,
+/// IMPORT FOREIGN SCHEMA, SELECT ... INTO, except on temporary objects): the session loads the
+/// catalog again after it committed.
+pub fn affects_catalog(sql: &str) -> bool {
+    let Some((toks, _)) = tokenize(sql, StringMode::Standard) else {
+        return false;
+    };
+    let Ok(spans) = statement_spans(sql, StringMode::Standard) else {
+        return false;
+    };
+    spans.into_iter().any(|(a, b)| {
+        let t = Toks::new(sql, statement_tokens(&toks, a, b));
+        let (temp, _) = utility::create_prefix(&t);
+        (t.is_any(0, &["create", "alter", "drop", "import"]) && !temp)
+            || (t.is(0, "select") && t.depth0(0, t.len(), "into").is_some())
     })
 }
 
@@ -187,9 +245,23 @@ fn run(sql: &str, mode: StringMode, cx: &Context<'_>) -> Option<(Outcome, bool)>
     let spans = statement_spans(sql, mode).ok()?;
     let mut edits = Vec::new();
     let (mut local, mut replicated) = (false, false);
+    // Temporary tables created by earlier statements of the string.
+    let mut temp_tables: Option<HashSet<String>> = None;
     for (a, b) in spans {
         let t = Toks::new(sql, statement_tokens(&toks, a, b));
-        match statement(&t, 0, t.len(), cx, &mut edits, 0) {
+        let outcome = {
+            let cx = Context {
+                temp_tables: temp_tables.as_ref().unwrap_or(cx.temp_tables),
+                ..*cx
+            };
+            statement(&t, 0, t.len(), &cx, &mut edits, 0)
+        };
+        if let Some(name) = creates_temp_table(&t) {
+            temp_tables
+                .get_or_insert_with(|| cx.temp_tables.clone())
+                .insert(name);
+        }
+        match outcome {
             Err(u) => return Some((Outcome::Unsafe(u), ambiguous)),
             Ok(Kind::Local) => local = true,
             Ok(Kind::Replicated) => replicated = true,
@@ -253,18 +325,18 @@ fn statement(
                 Ok(Kind::Replicated)
             }
         },
-        "update" => update(t, at, to, cx, edits),
-        "delete" => delete(t, at, to, cx, edits),
-        "merge" => merge(t, at, to, cx, edits),
-        "select" | "values" | "table" | "(" => query(t, at, to, cx, edits),
-        "with" => with(t, at, to, cx, edits),
+        "update" => dml::update(t, at, to, cx, edits),
+        "delete" => dml::delete(t, at, to, cx, edits),
+        "merge" => dml::merge(t, at, to, cx, edits),
+        "select" | "values" | "table" | "(" => dml::query(t, at, to, cx, edits),
+        "with" => dml::with(t, at, to, cx, edits),
         "execute" => {
             scan(t, at + 2, to, Generators::Once, cx, edits)?;
             Ok(Kind::Replicated)
         }
-        "call" => call(t, at, to, cx, edits),
-        "do" => do_block(t, at, to, cx),
-        "copy" => copy(t, at, to, cx),
+        "call" => utility::call(t, at, to, cx, edits),
+        "do" => utility::do_block(t, at, to, cx),
+        "copy" => utility::copy(t, at, to, cx),
         "prepare" => {
             if t.is(at + 1, "transaction") {
                 return Ok(Kind::Neutral);
@@ -279,15 +351,15 @@ fn statement(
             statement(t, i + 1, to, cx, edits, depth + 1).map(|_| Kind::Replicated)
         }
         "explain" => explain(t, at, to, cx, edits, depth),
-        "create" => create(t, at, to, cx, edits),
-        "alter" => alter(t, at, to, cx, edits),
+        "create" => utility::create(t, at, to, cx, edits),
+        "alter" => utility::alter(t, at, to, cx, edits),
         "drop" => {
             let names = if t.is(at + 1, "table") {
-                relations(t, at + 2, to)
+                utility::relations(t, at + 2, to)
             } else {
                 None
             };
-            Ok(temp_relations(names, cx)?)
+            Ok(utility::temp_relations(names, cx)?)
         }
         "truncate" => {
             let i = if t.is(at + 1, "table") {
@@ -295,7 +367,7 @@ fn statement(
             } else {
                 at + 1
             };
-            Ok(temp_relations(relations(t, i, to), cx)?)
+            Ok(utility::temp_relations(utility::relations(t, i, to), cx)?)
         }
         "refresh" => {
             // The view's query is not in the text; it reads rows, so rule 5 applies.
@@ -305,333 +377,6 @@ fn statement(
         w if NEUTRAL.contains(&w) => Ok(Kind::Neutral),
         _ => Ok(Kind::Replicated),
     }
-}
-
-/// The relation names of `DROP TABLE` / `TRUNCATE` (`[IF EXISTS] [ONLY] a [*], b ...`).
-fn relations(t: &Toks<'_>, mut i: usize, to: usize) -> Option<Vec<Vec<String>>> {
-    if t.is(i, "if") && t.is(i + 1, "exists") {
-        i += 2;
-    }
-    let mut out = Vec::new();
-    for (a, _) in split_commas(t, i, to) {
-        let a = if t.is(a, "only") { a + 1 } else { a };
-        out.push(t.qualified(a)?.0);
-    }
-    Some(out)
-}
-
-/// Local if every relation is temporary, unsafe if some are.
-fn temp_relations(names: Option<Vec<Vec<String>>>, cx: &Context<'_>) -> Result<Kind, Unsafe> {
-    let Some(names) = names else {
-        return Ok(Kind::Replicated);
-    };
-    let temp = names.iter().filter(|n| is_temp(n, cx)).count();
-    if temp == 0 {
-        Ok(Kind::Replicated)
-    } else if temp == names.len() {
-        Ok(Kind::Local)
-    } else {
-        Err(Unsafe::new(
-            "temporary and replicated tables in one statement",
-            "the temporary tables do not exist on the followers; name them in a separate statement",
-        ))
-    }
-}
-
-/// `UPDATE [ONLY] table ... SET ... [FROM ...]`.
-fn update(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    let i = if t.is(at + 1, "only") { at + 2 } else { at + 1 };
-    let target = t.qualified(i);
-    if let Some((parts, _)) = &target {
-        if is_temp(parts, cx) {
-            return Ok(Kind::Local);
-        }
-        // `SET col = DEFAULT`: the default runs per row.
-        if let Some(table) = resolve_table(parts, cx) {
-            for k in i..to {
-                let eq = t.kind(k.wrapping_sub(1)) == Some(TokenKind::Operator)
-                    && t.text(k.wrapping_sub(1)) == "=";
-                if !(t.is(k, "default") && eq) {
-                    continue;
-                }
-                let Some(name) = t.name(k.wrapping_sub(2)) else {
-                    continue;
-                };
-                let Some(col) = table.columns.iter().find(|c| c.name == name) else {
-                    continue;
-                };
-                if let Some(f) = fill(&table.name, col, cx)? {
-                    if f.generator {
-                        return Err(defaults::unordered(
-                            &table,
-                            col,
-                            "UPDATE ... SET column = DEFAULT",
-                        ));
-                    }
-                    edits.push(Edit::replace(t.start(k), t.end(k), f.expr));
-                }
-            }
-        }
-    }
-    let found = scan(t, at, to, Generators::PerRow, cx, edits)?;
-    serialized(
-        found.top_reads || found.subquery_reads,
-        "UPDATE reading other rows",
-        cx,
-    )?;
-    Ok(Kind::Replicated)
-}
-
-/// `DELETE FROM [ONLY] table [USING ...]`.
-fn delete(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    let mut i = at + 2;
-    if t.is(i, "only") {
-        i += 1;
-    }
-    if let Some((parts, _)) = t.qualified(i) {
-        if is_temp(&parts, cx) {
-            return Ok(Kind::Local);
-        }
-    }
-    let found = scan(t, at, to, Generators::PerRow, cx, edits)?;
-    let using = t.depth0(at, to, "using").is_some();
-    serialized(
-        using || found.subquery_reads,
-        "DELETE reading other rows",
-        cx,
-    )?;
-    Ok(Kind::Replicated)
-}
-
-/// `MERGE INTO table USING source ON ... WHEN ... THEN INSERT ...`.
-fn merge(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    let i = if t.is(at + 2, "only") { at + 3 } else { at + 2 };
-    if let Some((parts, _)) = t.qualified(i) {
-        if is_temp(&parts, cx) {
-            return Ok(Kind::Local);
-        }
-        serialized(true, "MERGE", cx)?;
-        if let Some(table) = resolve_table(&parts, cx) {
-            for k in i..to {
-                if !(t.is(k, "insert") && t.is(k.wrapping_sub(1), "then")) {
-                    continue;
-                }
-                let listed: Vec<String> = if t.kind(k + 1) == Some(TokenKind::LParen) {
-                    t.list_items(k + 1)
-                        .iter()
-                        .filter_map(|&(a, _)| t.name(a))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                for (col, _) in defaults::fill_candidates(&table, cx) {
-                    if !listed.contains(&col.name) {
-                        return Err(defaults::unordered(&table, col, "MERGE ... INSERT"));
-                    }
-                }
-            }
-        }
-    }
-    scan(t, at, to, Generators::PerRow, cx, edits)?;
-    Ok(Kind::Replicated)
-}
-
-/// SELECT / VALUES / TABLE, possibly `SELECT ... INTO new_table`.
-fn query(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    let into = t.depth0(at, to, "into");
-    if let Some(k) = into {
-        let mut j = k + 1;
-        if t.is_any(j, &["temp", "temporary"]) {
-            return Ok(Kind::Local);
-        }
-        if t.is(j, "unlogged") {
-            j += 1;
-        }
-        if t.is(j, "table") {
-            j += 1;
-        }
-        if let Some((parts, _)) = t.qualified(j) {
-            if is_temp(&parts, cx) && parts.len() == 2 {
-                return Ok(Kind::Local);
-            }
-        }
-    }
-    let found = scan(t, at, to, Generators::Query, cx, edits)?;
-    if into.is_some() {
-        serialized(
-            found.top_reads || found.subquery_reads,
-            "SELECT ... INTO",
-            cx,
-        )?;
-        return Ok(Kind::Replicated);
-    }
-    Ok(if found.generator {
-        Kind::Replicated
-    } else {
-        Kind::Neutral
-    })
-}
-
-/// `WITH ... ` : CTEs (possibly writing) and a main statement, which run in no fixed order.
-fn with(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    // The data-modifying parts: `AS (INSERT ...`, `) INSERT ...` after the CTE list.
-    let dml: Vec<usize> = (at..to)
-        .filter(|&k| {
-            let prev = t.kind(k.wrapping_sub(1));
-            matches!(prev, Some(TokenKind::LParen | TokenKind::RParen))
-                && t.is_any(k, &["insert", "update", "delete", "merge"])
-        })
-        .collect();
-    let writes = dml.len();
-    let place = if writes == 1 {
-        InsertIn::OnlyInsertOfWith
-    } else {
-        InsertIn::With
-    };
-    let mut temp = 0;
-    for &k in &dml {
-        let prev = t.kind(k.wrapping_sub(1));
-        if t.is(k, "insert") {
-            let end = match prev {
-                Some(TokenKind::LParen) => t.close(k - 1).unwrap_or(to),
-                _ => to,
-            };
-            if let Insert::Temp = insert(t, k, end, place, cx, edits)? {
-                temp += 1;
-            }
-        }
-    }
-    if temp > 0 {
-        return if temp == writes {
-            Ok(Kind::Local)
-        } else {
-            Err(Unsafe::new(
-                "temporary and replicated tables in one statement",
-                "the temporary tables do not exist on the followers; write them in a separate statement",
-            ))
-        };
-    }
-    serialized(writes > 0, "WITH", cx)?;
-    let found = scan(t, at, to, Generators::PerRow, cx, edits)?;
-    Ok(if writes > 0 || found.generator {
-        Kind::Replicated
-    } else {
-        Kind::Neutral
-    })
-}
-
-/// `CALL procedure(args)`: the arguments are rewritten, the body is checked.
-fn call(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    let Some((parts, after)) = t.qualified(at + 1) else {
-        return Ok(Kind::Replicated);
-    };
-    scan(t, after, to, Generators::Once, cx, edits)?;
-    let name = parts
-        .last()
-        .map(|p| p.to_ascii_lowercase())
-        .unwrap_or_default();
-    let what = format!("procedure {name}");
-    for body in cx.catalog.procedure(&name) {
-        match &body.0 {
-            Some(text) => check_body(text, &what, cx, 1)?,
-            None => {
-                return Err(Unsafe::new(
-                    what.clone(),
-                    format!("pgrelay cannot read {what} (not SQL or PL/pgSQL), so it cannot tell whether it runs the same on the followers"),
-                ))
-            }
-        }
-    }
-    Ok(Kind::Replicated)
-}
-
-/// `DO [LANGUAGE l] 'body' [LANGUAGE l]`: checked, not rewritten.
-fn do_block(t: &Toks<'_>, at: usize, to: usize, cx: &Context<'_>) -> Result<Kind, Unsafe> {
-    let what = "a DO block";
-    for k in at..to {
-        if t.is(k, "language") && !t.is_any(k + 1, &["plpgsql", "sql"]) {
-            return Err(Unsafe::new(
-                what,
-                "pgrelay can only read DO blocks in PL/pgSQL, so it cannot tell whether this one runs the same on the followers",
-            ));
-        }
-    }
-    let body =
-        (at..to).find(|&k| matches!(t.kind(k), Some(TokenKind::String | TokenKind::DollarString)));
-    if let Some(inner) = body.and_then(|k| literal_body(t.text(k))) {
-        check_body(&inner, what, cx, 1)?;
-    }
-    Ok(Kind::Replicated)
-}
-
-/// `COPY table [(columns)] FROM STDIN` (rule 3's check), or a COPY that only reads.
-fn copy(t: &Toks<'_>, at: usize, to: usize, cx: &Context<'_>) -> Result<Kind, Unsafe> {
-    let Some((parts, mut j)) = t.qualified(at + 1) else {
-        // COPY (query) TO ...
-        return Ok(Kind::Neutral);
-    };
-    let mut listed = None;
-    if t.kind(j) == Some(TokenKind::LParen) {
-        let names: Vec<String> = t
-            .list_items(j)
-            .iter()
-            .filter_map(|&(a, _)| t.name(a))
-            .collect();
-        listed = Some(names);
-        j = t.close(j).map_or(to, |c| c + 1);
-    }
-    if !t.is(j, "from") {
-        return Ok(Kind::Neutral);
-    }
-    if is_temp(&parts, cx) {
-        return Ok(Kind::Local);
-    }
-    if !t.is(j + 1, "stdin") {
-        return Err(Unsafe::new(
-            "COPY ... FROM a file or program",
-            "the file or program is on the leader's host, the followers would read something else; use COPY ... FROM STDIN",
-        ));
-    }
-    if let Some(table) = resolve_table(&parts, cx) {
-        copy_from(&table, listed.as_deref(), cx)?;
-    }
-    Ok(Kind::Replicated)
 }
 
 /// `EXPLAIN ANALYZE stmt` runs it; plain EXPLAIN does not.
@@ -666,143 +411,4 @@ fn explain(
         return Ok(Kind::Neutral);
     }
     statement(t, i, to, cx, edits, depth + 1)
-}
-
-/// `CREATE [OR REPLACE] [GLOBAL|LOCAL] [TEMP|TEMPORARY|UNLOGGED]`: whether the object is
-/// temporary and the index of the object type.
-fn create_prefix(t: &Toks<'_>) -> (bool, usize) {
-    if !t.is(0, "create") {
-        return (false, 0);
-    }
-    let mut i = 1;
-    if t.is(i, "or") && t.is(i + 1, "replace") {
-        i += 2;
-    }
-    if t.is_any(i, &["global", "local"]) {
-        i += 1;
-    }
-    let temp = t.is_any(i, &["temp", "temporary"]);
-    if temp || t.is(i, "unlogged") {
-        i += 1;
-    }
-    (temp, i)
-}
-
-/// CREATE: temporary objects are local; CREATE TABLE AS and CREATE MATERIALIZED VIEW run their
-/// query now, so it is rewritten.
-fn create(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    let sub = Toks::new(t.sql, t.toks.get(at..to).unwrap_or_default());
-    let (temp, mut i) = create_prefix(&sub);
-    if temp {
-        return Ok(Kind::Local);
-    }
-    if sub.is(i, "table") {
-        i += 1;
-    } else if sub.is(i, "materialized") && sub.is(i + 1, "view") {
-        i += 2;
-    } else {
-        return Ok(Kind::Replicated);
-    }
-    if sub.is(i, "if") {
-        i += 3;
-    }
-    if let Some((parts, after)) = sub.qualified(i) {
-        if parts.len() == 2 && is_temp(&parts, cx) {
-            return Ok(Kind::Local);
-        }
-        if let Some(k) = sub.depth0(after, sub.len(), "as") {
-            let found = scan(&sub, k + 1, sub.len(), Generators::Query, cx, edits)?;
-            serialized(found.top_reads || found.subquery_reads, "CREATE ... AS", cx)?;
-        }
-    }
-    Ok(Kind::Replicated)
-}
-
-/// ALTER TABLE: a new column's non-deterministic default (or serial, identity) would give the
-/// existing rows different values on each node; `ALTER COLUMN ... TYPE ... USING expr` rewrites
-/// every row with `expr`.
-fn alter(
-    t: &Toks<'_>,
-    at: usize,
-    to: usize,
-    cx: &Context<'_>,
-    edits: &mut Vec<Edit>,
-) -> Result<Kind, Unsafe> {
-    if !t.is(at + 1, "table") {
-        return Ok(Kind::Replicated);
-    }
-    let mut i = at + 2;
-    if t.is(i, "if") && t.is(i + 1, "exists") {
-        i += 2;
-    }
-    if t.is(i, "only") {
-        i += 1;
-    }
-    let Some((parts, mut after)) = t.qualified(i) else {
-        return Ok(Kind::Replicated);
-    };
-    if is_temp(&parts, cx) {
-        return Ok(Kind::Local);
-    }
-    if t.text(after) == "*" {
-        after += 1;
-    }
-    const SERIAL: &[&str] = &[
-        "serial",
-        "bigserial",
-        "smallserial",
-        "serial2",
-        "serial4",
-        "serial8",
-    ];
-    const CONSTRAINT: &[&str] = &[
-        "not",
-        "null",
-        "check",
-        "constraint",
-        "primary",
-        "unique",
-        "references",
-        "generated",
-        "collate",
-        "deferrable",
-        "initially",
-    ];
-    for (a, b) in split_commas(t, after, to) {
-        if t.is(a, "add") {
-            let added = |construct: &str| {
-                Unsafe::new(
-                    construct,
-                    "ADD COLUMN with it: the existing rows would get a different value on each \
-                     node; add the column, then fill it with UPDATE",
-                )
-            };
-            for k in a..b {
-                if t.is_any(k, SERIAL) {
-                    return Err(added(t.text(k)));
-                }
-                if t.is(k, "identity") && t.is(k.wrapping_sub(1), "as") {
-                    return Err(added("GENERATED AS IDENTITY"));
-                }
-                if t.is(k, "default") {
-                    let end = (k + 1..b).find(|&e| t.is_any(e, CONSTRAINT)).unwrap_or(b);
-                    let mut scratch = Vec::new();
-                    let text = t.sql.get(t.start(k + 1)..t.end(end - 1)).unwrap_or("");
-                    match scan(t, k + 1, end, Generators::Once, cx, &mut scratch) {
-                        Ok(_) if scratch.is_empty() => {}
-                        _ => return Err(added(&format!("DEFAULT {text}"))),
-                    }
-                }
-            }
-        } else if let Some(u) = (a..b).find(|&k| t.is(k, "using")) {
-            scan(t, u + 1, b, Generators::PerRow, cx, edits)?;
-        }
-    }
-    Ok(Kind::Replicated)
 }

@@ -17,6 +17,29 @@ pub struct Catalog {
     procedures: HashMap<String, Vec<Body>>,
     /// (schema, table) -> columns in table order.
     tables: HashMap<(String, String), Vec<Column>>,
+    /// (schema, table) -> its enabled user triggers.
+    triggers: HashMap<(String, String), Vec<Trigger>>,
+    /// Other relations a statement may name: (schema, name) -> kind.
+    others: HashMap<(String, String), Relkind>,
+}
+
+/// What a relation other than a table is (`pg_class.relkind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relkind {
+    /// A view (`v`): writes through it run the base table's defaults and triggers, or its
+    /// own rules and INSTEAD OF triggers.
+    View,
+    /// A foreign table (`f`): each node would write to the remote server.
+    Foreign,
+    /// Anything else (materialized views, sequences, indexes, ...).
+    Other,
+}
+
+/// A user trigger: its function runs on every node that runs the statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub name: String,
+    pub function: Body,
 }
 
 /// One column of a table.
@@ -58,6 +81,12 @@ impl Catalog {
     ///   every ordinary and partitioned table outside the system schemas, except the
     ///   temporary tables of other sessions.
     ///
+    /// - `relation`: schema, name, relkind, for the other relations (views, foreign tables,
+    ///   materialized views, sequences, ...), so that names resolve through the search path as
+    ///   on the server.
+    /// - `trigger`: schema, table, trigger, language, `pg_get_functiondef` of its function; for
+    ///   every enabled user trigger on those tables.
+    ///
     /// Needs Postgres 12 (`attgenerated`).
     pub const LOAD_SQL: &'static str = "\
 SELECT DISTINCT 'volatile' AS kind, pg_catalog.lower(p.proname::text) AS a, NULL::text AS b, \
@@ -79,7 +108,20 @@ FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamesp
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum \
 WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
-AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'";
+AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' \
+UNION ALL \
+SELECT 'relation', n.nspname::text, c.relname::text, c.relkind::text, NULL, NULL, NULL, NULL, NULL \
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+WHERE c.relkind NOT IN ('r', 'p', 'i', 'I', 't', 'c') AND c.relpersistence <> 't' \
+AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+UNION ALL \
+SELECT 'trigger', n.nspname::text, c.relname::text, tg.tgname::text, l.lanname::text, \
+pg_catalog.pg_get_functiondef(tg.tgfoid), NULL, NULL, NULL \
+FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid \
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+JOIN pg_catalog.pg_proc p ON p.oid = tg.tgfoid JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D' AND c.relpersistence <> 't' \
+AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
     /// Builds the catalog from the rows of [`Self::LOAD_SQL`]; malformed rows are skipped.
     pub fn from_rows(rows: Vec<Vec<Option<String>>>) -> Catalog {
@@ -132,6 +174,30 @@ AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE
                         .or_default()
                         .push((num, column));
                 }
+                Some("relation") => {
+                    let (Some(schema), Some(name), kind) = (next(), next(), next()) else {
+                        continue;
+                    };
+                    let kind = match kind.as_deref() {
+                        Some("v") => Relkind::View,
+                        Some("f") => Relkind::Foreign,
+                        _ => Relkind::Other,
+                    };
+                    cat.others.insert((schema, name), kind);
+                }
+                Some("trigger") => {
+                    let (Some(schema), Some(table), Some(name), lang, def) =
+                        (next(), next(), next(), next(), next())
+                    else {
+                        continue;
+                    };
+                    let readable = matches!(lang.as_deref(), Some("sql" | "plpgsql"));
+                    let function = Body(def.filter(|_| readable));
+                    cat.triggers
+                        .entry((schema, table))
+                        .or_default()
+                        .push(Trigger { name, function });
+                }
                 _ => {}
             }
         }
@@ -158,6 +224,35 @@ AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE
         self.tables
             .get(&(schema.to_owned(), table.to_owned()))
             .map(Vec::as_slice)
+    }
+
+    /// The kind of a relation that is not a table.
+    pub fn other_relation(&self, schema: &str, name: &str) -> Option<Relkind> {
+        self.others
+            .get(&(schema.to_owned(), name.to_owned()))
+            .copied()
+    }
+
+    /// Whether `schema.name` is a table or another relation pgrelay knows.
+    fn has_relation(&self, schema: &str, name: &str) -> bool {
+        let key = (schema.to_owned(), name.to_owned());
+        self.tables.contains_key(&key) || self.others.contains_key(&key)
+    }
+
+    /// The schema a relation name resolves to: the first schema of `search_path` that has a
+    /// relation of this name.
+    pub fn schema_of<'p>(&self, search_path: &'p [String], name: &str) -> Option<&'p str> {
+        search_path
+            .iter()
+            .find(|s| self.has_relation(s, name))
+            .map(String::as_str)
+    }
+
+    /// The enabled user triggers on `schema.table`.
+    pub fn triggers(&self, schema: &str, table: &str) -> &[Trigger] {
+        self.triggers
+            .get(&(schema.to_owned(), table.to_owned()))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Adds a table (for tests and for callers that learn of a table another way).

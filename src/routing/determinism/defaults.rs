@@ -4,7 +4,8 @@
 //! See <https://www.postgresql.org/docs/current/sql-insert.html>.
 
 use super::super::lexer::{StringMode, TokenKind};
-use super::catalog::{Column, Identity};
+use super::catalog::{Column, Identity, Relkind, Trigger};
+use super::expr::check_body;
 use super::expr::{scan, Generators};
 use super::tokens::{apply, quote_ident, quote_literal, tokenize, Edit, Toks};
 use super::{Context, Unsafe};
@@ -14,6 +15,7 @@ pub(super) struct Table<'c> {
     /// `schema.table` as the client is told.
     pub name: String,
     pub columns: &'c [Column],
+    pub triggers: &'c [Trigger],
 }
 
 /// Resolves a (folded) relation name as Postgres would: qualified, or the first schema of the
@@ -24,13 +26,62 @@ pub(super) fn resolve_table<'c>(parts: &[String], cx: &Context<'c>) -> Option<Ta
         cx.catalog.table(schema, table).map(|columns| Table {
             name: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             columns,
+            triggers: cx.catalog.triggers(schema, table),
         })
     };
+    let (schema, table) = relation(parts, cx)?;
+    found(schema, table)
+}
+
+/// The schema and name a (folded) relation name resolves to.
+fn relation<'n>(parts: &'n [String], cx: &Context<'n>) -> Option<(&'n str, &'n str)> {
     match parts {
-        [table] => cx.search_path.iter().find_map(|s| found(s, table)),
-        [schema, table] | [_, schema, table] => found(schema, table),
+        [table] => Some((cx.catalog.schema_of(cx.search_path, table)?, table.as_str())),
+        [schema, table] | [_, schema, table] => Some((schema.as_str(), table.as_str())),
         _ => None,
     }
+}
+
+/// A write to a foreign table (each node would write to the remote server), or an insert
+/// through a view (pgrelay cannot see which defaults and triggers it runs), is unsafe.
+pub(super) fn check_target(
+    parts: &[String],
+    inserts: bool,
+    cx: &Context<'_>,
+) -> Result<(), Unsafe> {
+    let Some((schema, name)) = relation(parts, cx) else {
+        return Ok(());
+    };
+    let construct = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    match cx.catalog.other_relation(schema, name) {
+        Some(Relkind::Foreign) => Err(Unsafe::new(
+            construct,
+            "a foreign table: every follower would write to the remote server again",
+        )),
+        Some(Relkind::View) if inserts => Err(Unsafe::new(
+            construct,
+            "an INSERT through a view: pgrelay cannot see which defaults and triggers it runs; insert into the table",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The table's triggers run on the followers too: each trigger function is checked like a DO
+/// block (pgrelay cannot rewrite inside it).
+pub(super) fn check_triggers(table: &Table<'_>, cx: &Context<'_>) -> Result<(), Unsafe> {
+    for trigger in table.triggers {
+        let what = format!("trigger {} on {}", quote_ident(&trigger.name), table.name);
+        match &trigger.function.0 {
+            Some(body) => check_body(body, &what, cx, 1)?,
+            None => {
+                return Err(Unsafe::new(
+                    what.clone(),
+                    format!("pgrelay cannot read the function of {what} (not SQL or PL/pgSQL), so it cannot tell whether it runs the same on the followers"),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The relation is one of this session's temporary tables (`pg_temp.x`, or an unqualified name
@@ -164,6 +215,7 @@ pub(super) fn insert(
             return Ok(Insert::Done { reads: false });
         }
         let found = scan(t, at, to, gens, cx, edits)?;
+        found.check_row_choice()?;
         Ok(Insert::Done {
             reads: found.top_reads || found.subquery_reads,
         })
@@ -177,6 +229,7 @@ pub(super) fn insert(
     if is_temp(&parts, cx) {
         return Ok(Insert::Temp);
     }
+    check_target(&parts, true, cx)?;
     let mut name_end = j - 1;
     if t.is(j, "as") && t.is_name(j + 1) {
         name_end = j + 1;
@@ -211,6 +264,7 @@ pub(super) fn insert(
     let Some(table) = resolve_table(&parts, cx) else {
         return scan_all(gens, edits);
     };
+    check_triggers(&table, cx)?;
     let candidates = fill_candidates(&table, cx);
     if candidates.is_empty() {
         return scan_all(gens, edits);
@@ -281,7 +335,13 @@ pub(super) fn insert(
             continue;
         }
         let fill = fill?;
-        if !values && !default_values {
+        let query = !values && !default_values;
+        let target_end = if query {
+            select_list_end(t, j, to)
+        } else {
+            None
+        };
+        if query && target_end.is_none() {
             return Err(if fill.generator {
                 unordered(&table, col, what)
             } else {
@@ -296,6 +356,9 @@ pub(super) fn insert(
             });
         }
         let fill_once = match place {
+            // A query's values are generated once per row: in a fixed order only for a
+            // single SELECT without FROM.
+            _ if query => place != InsertIn::With && target_end.is_some_and(|(_, from)| !from),
             InsertIn::Statement => gens == Generators::Once,
             InsertIn::OnlyInsertOfWith => true,
             InsertIn::With => false,
@@ -360,12 +423,68 @@ pub(super) fn insert(
         }
         let exprs: Vec<&str> = appended.iter().map(|(_, f)| f.expr.as_str()).collect();
         let exprs = exprs.join(", ");
+        if let Some((last, _)) = select_list_end(t, j, to).filter(|_| !values) {
+            edits.push(Edit::insert(t.end(last), format!(", {exprs}")));
+        }
         for (open, close, _) in &rows {
             let sep = if *close == open + 1 { "" } else { ", " };
             edits.push(Edit::insert(t.start(*close), format!("{sep}{exprs}")));
         }
     }
     scan_all(gens, edits)
+}
+
+/// For `INSERT ... SELECT` with the SELECT at `j`: the index of the last token of its select
+/// list, and whether it has a FROM. `None` unless it is one plain SELECT with a non-empty
+/// select list (no WITH, UNION, INTERSECT or EXCEPT), where pgrelay can append expressions.
+fn select_list_end(t: &Toks<'_>, j: usize, to: usize) -> Option<(usize, bool)> {
+    const CLAUSES: &[&str] = &[
+        "from",
+        "where",
+        "group",
+        "having",
+        "window",
+        "order",
+        "limit",
+        "offset",
+        "fetch",
+        "for",
+        "returning",
+        "on",
+    ];
+    if !t.is(j, "select") {
+        return None;
+    }
+    let mut end = None;
+    let mut i = j + 1;
+    while i < to.min(t.len()) {
+        if t.kind(i) == Some(TokenKind::LParen) {
+            i = t.close(i)? + 1;
+            continue;
+        }
+        if t.is_any(i, &["union", "intersect", "except"]) {
+            return None;
+        }
+        // `a IS DISTINCT FROM b`, `SELECT DISTINCT ON (a)`: not clauses.
+        let clause = t.is_any(i, CLAUSES)
+            && !(t.is(i, "from") && t.is(i - 1, "distinct"))
+            && (!t.is(i, "on") || t.is(i + 1, "conflict"));
+        if clause && end.is_none() {
+            end = Some(i);
+        }
+        i += 1;
+    }
+    let end = end.unwrap_or(to.min(t.len()));
+    let first = if t.is_any(j + 1, &["all", "distinct"]) {
+        j + 2
+    } else {
+        j + 1
+    };
+    if end <= first {
+        return None;
+    }
+    let from = t.is(end, "from");
+    Some((end - 1, from))
 }
 
 /// The rows of `VALUES (...), (...)` at `v`: each row's parentheses and items. `None` if
@@ -391,6 +510,7 @@ pub(super) fn copy_from(
     listed: Option<&[String]>,
     cx: &Context<'_>,
 ) -> Result<(), Unsafe> {
+    check_triggers(table, cx)?;
     for (col, _) in fill_candidates(table, cx) {
         if !listed.is_some_and(|l| l.contains(&col.name)) {
             return Err(Unsafe::new(

@@ -30,6 +30,25 @@ pub(super) struct Found {
     pub top_reads: bool,
     /// A subquery reads rows.
     pub subquery_reads: bool,
+    /// A construct that picks rows by their physical order or by other sessions' locks
+    /// (`LIMIT` without `ORDER BY`, `SKIP LOCKED`, `TABLESAMPLE`): unsafe where the rows are
+    /// written.
+    pub row_choice: Option<&'static str>,
+}
+
+impl Found {
+    /// For statements that write the rows they choose.
+    pub fn check_row_choice(&self) -> Result<(), Unsafe> {
+        let Some(construct) = self.row_choice else {
+            return Ok(());
+        };
+        let reason = match construct {
+            "SKIP LOCKED" => "the rows it skips depend on the locks other sessions hold on the leader",
+            "TABLESAMPLE" => "the sample depends on the physical layout of the table, which differs on the followers",
+            _ => "the rows it picks depend on the physical order of the table, which differs on the followers; add an ORDER BY on a unique key",
+        };
+        Err(Unsafe::new(construct, reason))
+    }
 }
 
 /// Volatile built-ins that give the same result on every node (or only affect the session),
@@ -161,13 +180,42 @@ pub(super) fn scan(
     // Pass 1: which subqueries (and whether the top level) read rows.
     let mut reads = vec![false; to - from];
     let mut stack: Vec<usize> = Vec::new();
+    // Per scope (the top level first): an ORDER BY was seen.
+    let mut ordered: Vec<bool> = vec![false];
     for i in from..to {
         match t.kind(i) {
-            Some(TokenKind::LParen) => stack.push(i),
+            Some(TokenKind::LParen) => {
+                stack.push(i);
+                ordered.push(false);
+            }
             Some(TokenKind::RParen) => {
                 stack.pop();
+                if ordered.len() > 1 {
+                    ordered.pop();
+                }
             }
             Some(TokenKind::Ident) => {
+                if t.is(i, "order") && t.is(i + 1, "by") {
+                    if let Some(o) = ordered.last_mut() {
+                        *o = true;
+                    }
+                }
+                let unordered = !ordered.last().copied().unwrap_or(false);
+                if t.is_any(i, &["limit", "offset", "fetch"]) && unordered {
+                    found
+                        .row_choice
+                        .get_or_insert(match t.text(i).to_ascii_lowercase().as_str() {
+                            "limit" => "LIMIT without ORDER BY",
+                            "offset" => "OFFSET without ORDER BY",
+                            _ => "FETCH FIRST without ORDER BY",
+                        });
+                }
+                if t.is(i, "skip") && t.is(i + 1, "locked") {
+                    found.row_choice = Some("SKIP LOCKED");
+                }
+                if t.is(i, "tablesample") {
+                    found.row_choice.get_or_insert("TABLESAMPLE");
+                }
                 let from_kw = t.is(i, "from") && !t.is(i.wrapping_sub(1), "distinct");
                 let table_kw =
                     t.is(i, "table") && (i == from || t.kind(i - 1) == Some(TokenKind::LParen));
@@ -325,6 +373,11 @@ fn call(
         }
         _ => {}
     }
+    // `random(min, max)` and the like: generators pgrelay does not rewrite, even when the
+    // catalog could not be loaded.
+    if builtin && matches!(lower.as_str(), "random" | "gen_random_uuid" | "uuidv4") {
+        return Err(volatile(&construct));
+    }
     if builtin && KEEP.contains(&lower.as_str()) {
         return Ok(Some(open));
     }
@@ -381,9 +434,20 @@ pub(super) fn check_body(
     };
     let t = Toks::new(text, &toks);
     let mentions = |construct: &str| {
+        let time = matches!(
+            construct,
+            "now()" | "transaction_timestamp()" | "statement_timestamp()"
+        ) || TIME_KEYWORDS
+            .iter()
+            .any(|(kw, _)| kw.eq_ignore_ascii_case(construct));
+        let hint = if time {
+            " (call pgrelay.now() there for the transaction's time)"
+        } else {
+            ""
+        };
         Unsafe::new(
             construct,
-            format!("{what} calls {construct}, which returns something else on the followers; pgrelay cannot rewrite inside it"),
+            format!("{what} calls {construct}, which returns something else on the followers; pgrelay cannot rewrite inside it{hint}"),
         )
     };
     for i in 0..t.len() {

@@ -72,6 +72,41 @@ fn catalog() -> Catalog {
             "CREATE OR REPLACE PROCEDURE public.p_bad()\n LANGUAGE plpgsql\nAS $procedure$ BEGIN UPDATE plain SET b = now()::text; END $procedure$\n",
         ]),
         row(&["procedure", "p_c", "c", "CREATE PROCEDURE ..."]),
+        row(&["relation", "public", "v", "v"]),
+        row(&["relation", "public", "ft", "f"]),
+        row(&["relation", "public", "s", "S"]),
+        // A view earlier in the search path hides the table `t` in `app`.
+        row(&["relation", "shadow", "t", "v"]),
+        column("shadow2", "t", "id", "1", "nextval('x'::regclass)"),
+        column("public", "trg", "a", "1", ""),
+        column("public", "trg", "at", "2", ""),
+        row(&[
+            "trigger",
+            "public",
+            "trg",
+            "stamp",
+            "plpgsql",
+            "CREATE OR REPLACE FUNCTION public.stamp()\n RETURNS trigger\n LANGUAGE plpgsql\nAS $function$ BEGIN NEW.at := now(); RETURN NEW; END $function$\n",
+        ]),
+        column("public", "trg2", "a", "1", ""),
+        row(&[
+            "trigger",
+            "public",
+            "trg2",
+            "keep_at",
+            "plpgsql",
+            "CREATE OR REPLACE FUNCTION public.keep_at()\n RETURNS trigger\n LANGUAGE plpgsql\nAS $function$ BEGIN NEW.at := pgrelay.now(); RETURN NEW; END $function$\n",
+        ]),
+        row(&["trigger", "public", "trg2", "c_trigger", "c", "..."]),
+        column("public", "trg3", "a", "1", ""),
+        row(&[
+            "trigger",
+            "public",
+            "trg3",
+            "ok",
+            "sql",
+            "CREATE FUNCTION public.ok() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.a := NEW.a + 1; RETURN NEW; END $$",
+        ]),
         // Malformed rows are skipped.
         row(&["column", "public"]),
         row(&["column", "public", "t", "x", "not a number", "", "", "", ""]),
@@ -161,6 +196,8 @@ fn catalog_loads_from_rows() {
     assert_eq!(c.procedure("p_ok").len(), 1);
     assert_eq!(c.procedure("p_c")[0].0, None);
     assert!(c.procedure("nope").is_empty());
+    assert_eq!(c.triggers("public", "trg")[0].name, "stamp");
+    assert!(c.triggers("public", "plain").is_empty());
     for kind in [
         "'volatile'",
         "'procedure'",
@@ -281,6 +318,15 @@ fn volatile_functions_are_unsafe() {
     unsafe_("SELECT txid_current()", "txid_current()");
     unsafe_("SELECT lo_create(0)", "lo_create()");
     unsafe_("SELECT random(1, 10)", "random()");
+    // Without a catalog too.
+    let mut env = Env::new();
+    env.catalog = Catalog::default();
+    assert!(
+        matches!(env.run("SELECT random(1, 10)"), Outcome::Unsafe(u) if u.construct == "random()")
+    );
+    assert!(
+        matches!(env.run("SELECT clock_timestamp()"), Outcome::Unsafe(u) if u.construct == "clock_timestamp()")
+    );
     keep("SELECT pg_advisory_xact_lock(1), set_config('a.b', 'c', true), pg_notify('ch', 'x')");
     keep("SELECT pg_sleep(0.1), setseed(0.5)");
 }
@@ -398,15 +444,41 @@ fn defaults_that_cannot_be_made_deterministic() {
     unsafe_("INSERT INTO f (x) VALUES (1)", "my_volatile()");
     // Given explicitly: the default does not run.
     keep("INSERT INTO c (x, ts) VALUES (1, $1)");
+    // INSERT ... SELECT: the time can be added to the select list, a sequence only when there
+    // is a single row.
+    rewrite(
+        "INSERT INTO dates (x) SELECT a FROM plain WHERE a > $1 ON CONFLICT DO NOTHING",
+        "INSERT INTO dates (x, d) SELECT a, (pgrelay.now())::date FROM plain WHERE a > $1 ON CONFLICT DO NOTHING",
+    );
+    rewrite(
+        "INSERT INTO dates (x) SELECT DISTINCT a IS DISTINCT FROM 1 RETURNING d",
+        "INSERT INTO dates (x, d) SELECT DISTINCT a IS DISTINCT FROM 1, (pgrelay.now())::date RETURNING d",
+    );
+    rewrite(
+        "INSERT INTO t (name) SELECT 'a'",
+        &format!("INSERT INTO t (name, id, created_at) SELECT 'a', {SEQ_T}, pgrelay.now()"),
+    );
+    rewrite(
+        "INSERT INTO a (x) SELECT 1",
+        "INSERT INTO a (x, id) OVERRIDING SYSTEM VALUE SELECT 1, pgrelay.nextval('public.a_id_seq'::regclass)",
+    );
+    unsafe_(
+        "INSERT INTO dates (x) SELECT a FROM plain UNION SELECT 2",
+        "public.dates.d",
+    );
+    unsafe_(
+        "INSERT INTO dates (x) WITH q AS (SELECT 1) SELECT * FROM q",
+        "public.dates.d",
+    );
     let reason = unsafe_("INSERT INTO t (name) SELECT b FROM plain", "public.t.id");
     assert_eq!(
         reason,
         "INSERT ... SELECT into a table with a sequence or volatile default (id): the follower may number the rows in another order"
     );
     unsafe_("INSERT INTO t SELECT * FROM t", "public.t.id");
-    unsafe_(
+    rewrite(
         "INSERT INTO t (id, name) SELECT 1, b FROM plain",
-        "public.t.created_at",
+        "INSERT INTO t (id, name, created_at) SELECT 1, b, pgrelay.now() FROM plain",
     );
     keep("INSERT INTO t (id, name, created_at) SELECT 1, b, $1 FROM plain");
     unsafe_(
@@ -422,7 +494,46 @@ fn update_set_default() {
         "UPDATE t SET created_at = pgrelay.now() WHERE id = 1",
     );
     unsafe_("UPDATE t SET id = DEFAULT", "public.t.id");
+    unsafe_(
+        "UPDATE t SET (name, created_at) = ('a', DEFAULT)",
+        "DEFAULT in a multi-column SET",
+    );
+    keep("UPDATE plain SET (a, b) = (1, DEFAULT)");
     keep("UPDATE plain SET b = DEFAULT");
+}
+
+#[test]
+fn rows_chosen_by_physical_order_or_locks_are_unsafe() {
+    unsafe_(
+        "DELETE FROM plain WHERE a IN (SELECT a FROM plain LIMIT 10)",
+        "LIMIT without ORDER BY",
+    );
+    unsafe_(
+        "UPDATE plain SET b = 'x' WHERE a = (SELECT a FROM plain ORDER BY a LIMIT 1 FOR UPDATE SKIP LOCKED)",
+        "SKIP LOCKED",
+    );
+    unsafe_(
+        "INSERT INTO plain (a) SELECT a FROM plain OFFSET 5",
+        "OFFSET without ORDER BY",
+    );
+    unsafe_(
+        "INSERT INTO plain SELECT * FROM plain TABLESAMPLE SYSTEM (10)",
+        "TABLESAMPLE",
+    );
+    unsafe_(
+        "CREATE TABLE z AS SELECT * FROM plain FETCH FIRST 3 ROWS ONLY",
+        "FETCH FIRST without ORDER BY",
+    );
+    unsafe_(
+        "SELECT a INTO z FROM plain LIMIT 1",
+        "LIMIT without ORDER BY",
+    );
+    keep("DELETE FROM plain WHERE a IN (SELECT a FROM plain ORDER BY a LIMIT 10)");
+    keep("INSERT INTO plain (a) SELECT a FROM plain ORDER BY a DESC LIMIT 1");
+    keep("UPDATE plain SET b = (SELECT string_agg(b, ',' ORDER BY b) FROM plain)");
+    // Reads may pick any rows.
+    keep("SELECT * FROM plain LIMIT 1");
+    keep("WITH x AS (SELECT * FROM plain LIMIT 1) SELECT * FROM x");
 }
 
 #[test]
@@ -489,6 +600,10 @@ fn temporary_tables_are_local() {
     ] {
         assert_eq!(run(sql), Outcome::Local, "{sql}");
     }
+    assert_eq!(
+        run("CREATE TEMP TABLE x (a int); INSERT INTO x VALUES (1); UPDATE x SET a = 2"),
+        Outcome::Local
+    );
     // A quoted name keeps its case: "TMP" is not tmp.
     keep("INSERT INTO \"TMP\" VALUES (1)");
     keep("TRUNCATE plain");
@@ -530,6 +645,20 @@ fn temp_table_names() {
 }
 
 #[test]
+fn dropped_temp_tables_are_forgotten() {
+    let mut temp: HashSet<String> = ["a", "b", "c", "Q"].iter().map(|s| s.to_string()).collect();
+    forget_temp_tables(
+        "DROP TABLE IF EXISTS a, pg_temp.b CASCADE; DROP TABLE \"Q\"",
+        &mut temp,
+    );
+    assert_eq!(temp, HashSet::from(["c".to_owned()]));
+    forget_temp_tables("DROP TABLE public.c; DROP VIEW c", &mut temp);
+    assert_eq!(temp.len(), 1);
+    forget_temp_tables("DISCARD TEMP", &mut temp);
+    assert!(temp.is_empty());
+}
+
+#[test]
 fn ddl() {
     keep("CREATE TABLE z (id serial, ts timestamptz DEFAULT now(), u uuid DEFAULT gen_random_uuid())");
     keep("ALTER TABLE plain ALTER COLUMN b SET DEFAULT now()");
@@ -542,6 +671,10 @@ fn ddl() {
     );
     assert!(reason.contains("existing rows"), "{reason}");
     unsafe_("ALTER TABLE plain ADD COLUMN id bigserial", "bigserial");
+    unsafe_(
+        "ALTER TABLE plain ADD COLUMN n text DEFAULT coalesce(NULL, now()::text) NOT NULL",
+        "DEFAULT coalesce(NULL, now()::text)",
+    );
     unsafe_(
         "ALTER TABLE plain ADD id int GENERATED ALWAYS AS IDENTITY",
         "GENERATED AS IDENTITY",
@@ -594,6 +727,56 @@ fn do_blocks_and_procedures() {
         "CALL p_ok(pgrelay.now(), pgrelay.nextval('s'))",
     );
     unsafe_("DO $$BEGIN CALL p_bad(); END$$", "now()");
+}
+
+#[test]
+fn triggers_are_checked() {
+    let reason = unsafe_("INSERT INTO trg (a) VALUES (1)", "now()");
+    assert!(
+        reason.starts_with("trigger stamp on public.trg calls now()"),
+        "{reason}"
+    );
+    unsafe_("UPDATE trg SET a = 2", "now()");
+    unsafe_("DELETE FROM public.trg", "now()");
+    unsafe_("COPY trg FROM STDIN", "now()");
+    unsafe_(
+        "WITH x AS (UPDATE trg SET a = 1 RETURNING a) SELECT * FROM x",
+        "now()",
+    );
+    assert_eq!(
+        run("WITH x AS (DELETE FROM tmp RETURNING a) DELETE FROM pg_temp.y"),
+        Outcome::Local
+    );
+    unsafe_(
+        "INSERT INTO trg2 (a) VALUES (1)",
+        "trigger c_trigger on public.trg2",
+    );
+    keep("INSERT INTO trg3 (a) VALUES (1)");
+    keep("UPDATE trg3 SET a = 2");
+    // Temporary tables never reach the check.
+    let mut env = Env::new();
+    env.temp.insert("trg".into());
+    assert_eq!(env.run("INSERT INTO trg (a) VALUES (1)"), Outcome::Local);
+}
+
+#[test]
+fn views_and_foreign_tables() {
+    unsafe_("INSERT INTO v (a) VALUES (1)", "public.v");
+    unsafe_("COPY v FROM STDIN", "public.v");
+    keep("UPDATE v SET a = 1");
+    unsafe_("UPDATE ft SET a = 1", "public.ft");
+    unsafe_("DELETE FROM public.ft", "public.ft");
+    unsafe_("INSERT INTO ft VALUES (1)", "public.ft");
+    let mut env = Env::new();
+    env.path = vec!["shadow".into(), "shadow2".into()];
+    assert!(
+        matches!(env.run("INSERT INTO t (a) VALUES (1)"), Outcome::Unsafe(u) if u.construct == "shadow.t")
+    );
+    env.path = vec!["shadow2".into(), "shadow".into()];
+    assert_eq!(
+        env.run("INSERT INTO t (a) VALUES (1)"),
+        Outcome::Rewrite("INSERT INTO t (a, id) VALUES (1, pgrelay.nextval('x'::regclass))".into())
+    );
 }
 
 #[test]
@@ -650,9 +833,13 @@ fn writable_ctes() {
         "WITH x AS (INSERT INTO t (name) VALUES ('a') RETURNING id) SELECT id, now() FROM x",
         &format!("WITH x AS (INSERT INTO t (name, id, created_at) VALUES ('a', {SEQ_T}, pgrelay.now()) RETURNING id) SELECT id, pgrelay.now() FROM x"),
     );
-    // The default cannot be added to a query's rows.
-    let reason = unsafe_(
+    // The time is added to the main INSERT's select list.
+    rewrite(
         "WITH x AS (SELECT 1 AS a) INSERT INTO dates (x) SELECT a FROM x",
+        "WITH x AS (SELECT 1 AS a) INSERT INTO dates (x, d) SELECT a, (pgrelay.now())::date FROM x",
+    );
+    let reason = unsafe_(
+        "WITH x AS (SELECT 1 AS a) INSERT INTO dates (x) SELECT a FROM x UNION SELECT 1",
         "public.dates.d",
     );
     assert_eq!(
@@ -712,4 +899,124 @@ fn never_panics_on_prefixes() {
             }
         }
     }
+}
+
+#[test]
+fn never_panics_on_token_soup() {
+    const WORDS: &[&str] = &[
+        "INSERT",
+        "INTO",
+        "t",
+        "a",
+        "tmp",
+        "VALUES",
+        "DEFAULT",
+        "SELECT",
+        "FROM",
+        "WITH",
+        "AS",
+        "UPDATE",
+        "SET",
+        "DELETE",
+        "USING",
+        "MERGE",
+        "WHEN",
+        "THEN",
+        "COPY",
+        "STDIN",
+        "CREATE",
+        "TEMP",
+        "TABLE",
+        "ALTER",
+        "ADD",
+        "COLUMN",
+        "DO",
+        "CALL",
+        "EXECUTE",
+        "PREPARE",
+        "EXPLAIN",
+        "ANALYZE",
+        "now",
+        "random",
+        "nextval",
+        "CURRENT_TIMESTAMP",
+        "OVERRIDING",
+        "SYSTEM",
+        "VALUE",
+        "(",
+        ")",
+        "(",
+        ")",
+        ",",
+        ";",
+        ".",
+        "=",
+        "::",
+        "'now'",
+        "$1",
+        "1",
+        "\"Items\"",
+        "app",
+        "$$ BEGIN now(); END $$",
+        "pg_temp",
+        "RETURNING",
+        "ON",
+        "CONFLICT",
+        "INTO",
+        "serial",
+    ];
+    let env = Env::new();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) as usize
+    };
+    for _ in 0..5000 {
+        let n = next() % 40;
+        let sql: Vec<&str> = (0..n).map(|_| WORDS[next() % WORDS.len()]).collect();
+        let sql = sql.join(" ");
+        let _ = env.run(&sql);
+        let _ = temp_table_created(&sql);
+    }
+}
+
+#[test]
+fn large_statements_take_linear_time() {
+    let started = std::time::Instant::now();
+    let rows = vec!["('a')"; 20_000].join(", ");
+    let out = run(&format!("INSERT INTO t (name) VALUES {rows}"));
+    assert!(matches!(out, Outcome::Rewrite(s) if s.matches("pgrelay.now()").count() == 20_000));
+    let deep = format!("SELECT {}now(){}", "(".repeat(20_000), ")".repeat(20_000));
+    assert!(matches!(run(&deep), Outcome::Rewrite(_)));
+    let defaults = format!(
+        "UPDATE t SET {}",
+        vec!["created_at = DEFAULT"; 5_000].join(", ")
+    );
+    assert!(matches!(run(&defaults), Outcome::Rewrite(_)));
+    let adds = format!(
+        "ALTER TABLE plain ADD COLUMN c int {}",
+        "DEFAULT 0 ".repeat(5_000)
+    );
+    assert_eq!(run(&adds), Outcome::Keep);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
+#[test]
+fn catalog_changes() {
+    assert!(affects_catalog("CREATE TABLE x (a int)"));
+    assert!(affects_catalog(
+        "BEGIN; ALTER TABLE t ADD COLUMN b int; COMMIT"
+    ));
+    assert!(affects_catalog("drop function f"));
+    assert!(affects_catalog(
+        "CREATE OR REPLACE TRIGGER x BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()"
+    ));
+    assert!(affects_catalog("SELECT 1 INTO newt"));
+    assert!(!affects_catalog("CREATE TEMP TABLE x (a int)"));
+    assert!(!affects_catalog(
+        "INSERT INTO t VALUES (1); SELECT 'CREATE TABLE'"
+    ));
+    assert!(!affects_catalog("SELECT 'unterminated"));
 }

@@ -95,13 +95,18 @@ impl<'a> Toks<'a> {
 
     /// The first index in `from..to` of the keyword `kw` outside parentheses.
     pub fn depth0(&self, from: usize, to: usize, kw: &str) -> Option<usize> {
+        self.depth0_any(from, to, &[kw])
+    }
+
+    /// The first index in `from..to` of one of the keywords `kws` outside parentheses.
+    pub fn depth0_any(&self, from: usize, to: usize, kws: &[&str]) -> Option<usize> {
         let mut i = from;
         while i < to.min(self.len()) {
             if self.kind(i) == Some(TokenKind::LParen) {
                 i = self.close(i).unwrap_or(to) + 1;
                 continue;
             }
-            if self.is(i, kw) {
+            if self.is_any(i, kws) {
                 return Some(i);
             }
             i += 1;
