@@ -38,6 +38,7 @@ pub const APPLIED_SOURCE: &str = "statement";
 /// Creates the functions pgrelay's rewritten statements call (leader and followers).
 pub const FUNCTIONS_SQL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS pgrelay;
+GRANT USAGE ON SCHEMA pgrelay TO PUBLIC;
 CREATE OR REPLACE FUNCTION pgrelay.now() RETURNS timestamptz LANGUAGE sql STABLE AS
 $f$ SELECT coalesce(nullif(pg_catalog.current_setting('pgrelay.now', true), '')::timestamptz, pg_catalog.now()) $f$;
 CREATE OR REPLACE FUNCTION pgrelay.take_value(produced text) RETURNS text LANGUAGE plpgsql VOLATILE AS
