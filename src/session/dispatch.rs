@@ -30,6 +30,9 @@ impl Session {
         match t {
             tag::QUERY => {
                 self.refresh_classifier();
+                if self.reload_classifier && self.statement_mode() {
+                    self.load_classifier().await;
+                }
                 let body = frame.body();
                 let sql =
                     fe::parse_query(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
@@ -55,6 +58,9 @@ impl Session {
             }
             tag::PARSE => {
                 self.refresh_classifier();
+                if self.reload_classifier && self.statement_mode() {
+                    self.load_classifier().await;
+                }
                 let body = frame.body();
                 let parse =
                     fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;

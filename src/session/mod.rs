@@ -406,7 +406,11 @@ impl Session {
         }
         let leader = self.shared.nodes.leader();
         if self.config.replication.mode == crate::config::ReplicationMode::Statement {
+            // The catalog must be current before the next write is planned: loaded on a
+            // connection of pgrelay's own, whatever the session's leader connection is doing.
             self.ensure_statement_log().await;
+            self.load_statement_classifier().await;
+            return;
         }
         let Some(mut b) = self.backends.get_mut(leader).and_then(|b| b.take()) else {
             // No leader connection yet (the session started on a follower): later.
@@ -419,20 +423,7 @@ impl Session {
                     let names = rows
                         .into_iter()
                         .filter_map(|r| r.into_iter().next().flatten());
-                    let mut classifier = Classifier::new(names);
-                    if self.config.replication.mode == crate::config::ReplicationMode::Statement {
-                        match b.conn.simple_query(crate::routing::determinism::Catalog::LOAD_SQL).await {
-                            Ok(rows) => {
-                                classifier = classifier.with_catalog(
-                                    crate::routing::determinism::Catalog::from_rows(rows),
-                                );
-                            }
-                            Err(err) => {
-                                warn!(error = %err, "cannot load the database's column defaults and volatile functions")
-                            }
-                        }
-                    }
-                    let classifier = Arc::new(classifier);
+                    let classifier = Arc::new(Classifier::new(names));
                     self.shared
                         .classifiers
                         .insert(&self.database, classifier.clone());
@@ -447,6 +438,44 @@ impl Session {
         }
         if let Some(slot) = self.backends.get_mut(leader) {
             *slot = Some(b);
+        }
+    }
+
+    /// Statement mode: loads the database's writing functions and its catalog (column
+    /// defaults, volatile functions) on a connection of pgrelay's own.
+    async fn load_statement_classifier(&mut self) {
+        use crate::routing::determinism::Catalog;
+        let load = async {
+            let mut conn = crate::backend::connect_own(
+                &self.config,
+                self.shared.nodes.leader(),
+                &self.database,
+                "pgrelay catalog",
+                false,
+            )
+            .await?;
+            let functions = conn.simple_query(WRITING_FUNCTIONS_SQL).await;
+            let catalog = conn.simple_query(Catalog::LOAD_SQL).await;
+            conn.terminate().await;
+            Ok::<_, String>((functions?, catalog?))
+        };
+        match load.await {
+            Ok((functions, catalog)) => {
+                let names = functions
+                    .into_iter()
+                    .filter_map(|r| r.into_iter().next().flatten());
+                let classifier =
+                    Arc::new(Classifier::new(names).with_catalog(Catalog::from_rows(catalog)));
+                self.shared
+                    .classifiers
+                    .insert(&self.database, classifier.clone());
+                self.classifier = classifier;
+            }
+            Err(err) => {
+                // Without the catalog, column defaults are not filled in: writes wait for it.
+                warn!(error = %err, "cannot load the database's functions and column defaults");
+                self.reload_classifier = true;
+            }
         }
     }
 

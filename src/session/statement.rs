@@ -505,11 +505,13 @@ impl Session {
     }
 
     /// The query that logs a statement that ran outside any transaction block
-    /// (`CONCURRENTLY`), in a transaction of its own.
+    /// (`CONCURRENTLY`), in a transaction of its own. The follower replays it without
+    /// `CONCURRENTLY`, inside the transaction that records it (only the replayer writes there,
+    /// and readers are not blocked by an index build).
     pub(super) fn after_success_log_sql(&self, sql: &str) -> String {
         let settings = log::encode_settings(&self.log_settings());
         let statements = log::encode_statements(&[LoggedStatement {
-            sql: sql.to_owned(),
+            sql: without_concurrently(sql),
             ..LoggedStatement::default()
         }]);
         format!(
@@ -517,6 +519,22 @@ impl Session {
             log::order_lock_sql(),
             insert_literal_sql(&settings, &statements, &[])
         )
+    }
+}
+
+/// `sql` without its `CONCURRENTLY` keyword.
+pub fn without_concurrently(sql: &str) -> String {
+    use crate::routing::lexer::{Lexer, StringMode, TokenKind};
+    let found = Lexer::new(sql, StringMode::Standard).find(|t| {
+        t.kind == TokenKind::Ident && t.text(sql).eq_ignore_ascii_case("concurrently")
+    });
+    match found {
+        Some(t) => format!(
+            "{}{}",
+            sql.get(..t.start).unwrap_or(""),
+            sql.get(t.end..).unwrap_or("").trim_start()
+        ),
+        None => sql.to_owned(),
     }
 }
 
@@ -554,6 +572,18 @@ mod tests {
         assert_eq!(local_setting("SET search_path = a"), "SET LOCAL search_path = a");
         assert_eq!(local_setting("set session TimeZone to 'UTC';"), "SET LOCAL TimeZone to 'UTC'");
         assert_eq!(local_setting("SET LOCAL x = 1"), "SET LOCAL x = 1");
+    }
+
+    #[test]
+    fn concurrently_is_dropped_for_the_replay() {
+        assert_eq!(
+            without_concurrently("CREATE INDEX CONCURRENTLY i ON t (a)"),
+            "CREATE INDEX i ON t (a)"
+        );
+        assert_eq!(
+            without_concurrently("drop index concurrently \"concurrently\""),
+            "drop index \"concurrently\""
+        );
     }
 
     #[test]

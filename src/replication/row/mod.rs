@@ -286,7 +286,8 @@ pub(crate) async fn follower_database(
         .map_err(RowError::Follower)?;
     let rows = leader
         .query(&format!(
-            "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database WHERE datname = {}",
+            "SELECT pg_encoding_to_char(encoding), datcollate, datctype, pg_get_userbyid(datdba) \
+             FROM pg_database WHERE datname = {}",
             setup::literal(database)
         ))
         .await
@@ -300,14 +301,20 @@ pub(crate) async fn follower_database(
             .await
             .map_err(|e| RowError::Follower(format!("dropping a partial copy: {}", e.message)))?;
     }
-    let created = admin
-        .query(&format!(
-            "CREATE DATABASE {name} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
-            setup::literal(&get(0)),
-            setup::literal(&get(1)),
-            setup::literal(&get(2))
-        ))
+    let create = format!(
+        "CREATE DATABASE {name} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
+        setup::literal(&get(0)),
+        setup::literal(&get(1)),
+        setup::literal(&get(2))
+    );
+    // The leader's owner (statement mode replays as the statements' roles, who may need the
+    // owner's rights), unless that role does not exist on the follower.
+    let mut created = admin
+        .query(&format!("{create} OWNER {}", setup::ident(&get(3))))
         .await;
+    if created.as_ref().is_err_and(|e| e.code == "42704") {
+        created = admin.query(&create).await;
+    }
     admin.terminate().await;
     match created {
         Ok(_) => info!(node, database, "created the database on the follower"),
