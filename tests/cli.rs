@@ -247,10 +247,21 @@ fn demo_serves_clients_and_leaves_nothing_running_after_ctrl_c() {
 
 #[test]
 fn row_mode_demo_copies_the_leader_and_follows_every_change() {
-    let dir = pgrelay::cluster::test_dir("demorow");
+    demo_with_writable_followers("row");
+}
+
+#[test]
+fn statement_mode_demo_copies_the_leader_and_replays_every_write() {
+    demo_with_writable_followers("statement");
+}
+
+/// `pgrelay demo --mode <mode>` with followers pgrelay fills itself: DDL and rows written
+/// through pgrelay reach both followers, and Ctrl-C stops everything.
+fn demo_with_writable_followers(mode: &str) {
+    let dir = pgrelay::cluster::test_dir(&format!("demo{mode}"));
     let port = pgrelay::cluster::free_port().unwrap();
     let child = pgrelay()
-        .args(["demo", "--mode", "row", "--metrics-listen", "", "--listen"])
+        .args(["demo", "--mode", mode, "--metrics-listen", "", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--dir")
         .arg(&dir)

@@ -35,6 +35,8 @@ pub struct Classifier {
     writing_functions: HashSet<Box<str>>,
     /// Statement mode: the database's volatile functions and column defaults.
     catalog: std::sync::Arc<super::determinism::Catalog>,
+    /// The catalog was loaded from the leader (not the empty default).
+    catalog_loaded: bool,
 }
 
 /// What a query string does, as far as routing cares.
@@ -128,13 +130,20 @@ impl Classifier {
         Classifier {
             writing_functions: set,
             catalog: std::sync::Arc::default(),
+            catalog_loaded: false,
         }
     }
 
     /// The same classifier with the database's catalog for statement mode.
     pub fn with_catalog(mut self, catalog: super::determinism::Catalog) -> Self {
         self.catalog = std::sync::Arc::new(catalog);
+        self.catalog_loaded = true;
         self
+    }
+
+    /// Whether [`Classifier::with_catalog`] gave it the database's catalog.
+    pub fn has_catalog(&self) -> bool {
+        self.catalog_loaded
     }
 
     pub fn catalog(&self) -> std::sync::Arc<super::determinism::Catalog> {

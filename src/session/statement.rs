@@ -477,6 +477,14 @@ impl Session {
             unsafe_policy: self.config.statement.unsafe_policy,
         };
         let plan = plan(sql, c, &cx);
+        if matches!(plan, Plan::Log { .. }) && !self.classifier.has_catalog() {
+            // Without the column defaults pgrelay cannot tell what the statement needs filled in.
+            return Plan::Refuse(Raise {
+                message: "pgrelay could not read this database's catalog from the leader, so it cannot replicate writes in statement mode yet".into(),
+                detail: "Statement mode fills in column defaults (sequences, now(), ...) from the leader's catalog.".into(),
+                hint: "Check that replication.user can connect to the leader; pgrelay tries again with the next statement.".into(),
+            });
+        }
         if let Plan::Log { warning: Some(_), .. } = &plan {
             self.shared.metrics.unsafe_statements.increment(1);
         }
