@@ -70,19 +70,43 @@ impl DatabaseTask {
     }
 
     /// Waits for the next poll: `replication.poll_interval`, or sooner when asked. False when
-    /// the task must stop.
-    async fn wait(&mut self) -> bool {
+    /// the task must stop. `idle`: a follower connection with nothing in flight, watched so
+    /// that a follower that shuts down (FATAL, then EOF) is noticed without an entry to apply.
+    async fn wait(&mut self, idle: Option<&mut BackendConn>) -> Result<bool, ReplayError> {
         let tick = tokio::time::sleep(self.config.replication.poll_interval);
+        let closed = async {
+            match idle {
+                Some(conn) => idle_failure(conn).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.stop.cancelled() => false,
-            _ = tick => true,
+            _ = self.stop.cancelled() => Ok(false),
+            _ = tick => Ok(true),
+            e = closed => Err(e),
             changed = self.poll.changed() => {
                 if changed.is_err() {
                     // The fan-out stopped: only the tick is left.
                     tokio::time::sleep(self.config.replication.poll_interval).await;
                 }
-                true
+                Ok(true)
             }
+        }
+    }
+}
+
+/// Resolves when an idle connection fails: an ErrorResponse (the server shutting down) or a
+/// lost connection; notices and the like are skipped. Cancel-safe (`read_frame` is).
+async fn idle_failure(conn: &mut BackendConn) -> ReplayError {
+    loop {
+        match conn.read_frame().await {
+            Ok(frame) if frame.tag() == crate::protocol::backend::tag::ERROR_RESPONSE => {
+                let f =
+                    crate::protocol::backend::parse_error_fields(&frame.body()).unwrap_or_default();
+                return ReplayError::Follower(format!("{} (SQLSTATE {})", f.message, f.code));
+            }
+            Ok(_) => {}
+            Err(e) => return ReplayError::Follower(format!("connection lost: {e}")),
         }
     }
 }
@@ -263,7 +287,7 @@ async fn observe(
             }
             None => task.unpublish(),
         }
-        if !task.wait().await {
+        if !task.wait(Some(&mut *conn)).await? {
             return Ok(false);
         }
     }
@@ -307,7 +331,7 @@ async fn replay_loop(
             backlog_at = None;
             task.publish(replayer.applied(), Duration::ZERO, Backlog::default());
         }
-        if !task.wait().await {
+        if !task.wait(Some(replayer.conn())).await? {
             return Ok(());
         }
     }
