@@ -414,3 +414,47 @@ async fn a_follower_stopped_and_restarted_catches_up() {
     proxy.stop().await;
     cluster.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_logged_while_the_bootstrap_runs_are_applied_once() {
+    let info = row_cluster();
+    let db = setup(
+        info,
+        "sbusy",
+        "CREATE TABLE keyless (v int, note text);
+         CREATE TABLE big (id int PRIMARY KEY, pad text);
+         INSERT INTO big SELECT g, repeat('x', 500) FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = {
+        let (leader, db) = (info.leader.clone(), db.clone());
+        tokio::spawn(async move {
+            let mut client = connect_direct(&leader, &db).await;
+            let (mut last, mut n) = (0, 0);
+            while !*stop_rx.borrow() || n < 50 {
+                last = log_sql(
+                    &mut client,
+                    &format!("INSERT INTO keyless VALUES ({n}, 'busy')"),
+                )
+                .await;
+                n += 1;
+            }
+            (last, n)
+        })
+    };
+    let (_addr, _metrics) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
+    common::wait_until(CONVERGE, || async {
+        recorded_seq(&info.followers[0], &db).await.is_some()
+            && recorded_seq(&info.followers[1], &db).await.is_some()
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    let (last, n) = writer.await.unwrap();
+    wait_applied(&info.followers, &db, last).await;
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    for f in &info.followers {
+        let rows: i64 = value_on(f, &db, "SELECT count(*) FROM keyless").await;
+        assert_eq!(rows, n, "rows on {}", f.name);
+    }
+}

@@ -126,12 +126,13 @@ pub(super) async fn run(mut task: DatabaseTask) {
             Err(e) => e,
         };
         let text = err.to_string();
-        if matches!(err, ReplayError::Diverged { .. } | ReplayError::BadEntry(_)) {
-            if let Some(m) = &task.metrics {
-                m.apply_errors.increment(1);
-            }
-        }
         if last_error.as_deref() != Some(text.as_str()) {
+            // Counted once per problem, not once per retry.
+            if matches!(err, ReplayError::Diverged { .. } | ReplayError::BadEntry(_)) {
+                if let Some(m) = &task.metrics {
+                    m.apply_errors.increment(1);
+                }
+            }
             match err {
                 ReplayError::Setup(_) | ReplayError::Diverged { .. } | ReplayError::BadEntry(_) => {
                     error!(follower = %follower, database = %task.database, error = %text, "replay stopped; retrying every {SLOW_RETRY:?}")

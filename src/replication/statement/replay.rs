@@ -148,8 +148,17 @@ impl Replayer {
     pub async fn apply(&mut self, entries: &[Entry]) -> Result<(), ReplayError> {
         let mut steps: Vec<(u64, Step)> = Vec::new();
         let mut previous = self.applied;
+        // An entry that cannot be queued stops the batch there: the entries before it are
+        // applied, its own half-queued messages are dropped.
+        let mut unqueued: Option<ReplayError> = None;
         for entry in entries {
-            self.queue_entry(entry, previous, &mut steps)?;
+            let (bytes, queued) = (self.conn.wbuf.len(), steps.len());
+            if let Err(e) = self.queue_entry(entry, previous, &mut steps) {
+                self.conn.wbuf.truncate(bytes);
+                steps.truncate(queued);
+                unqueued = Some(e);
+                break;
+            }
             previous = entry.seq;
         }
         self.conn
@@ -181,9 +190,10 @@ impl Replayer {
                 }
             }
         }
-        match failure {
-            None => Ok(()),
-            Some(f) => Err(self.classify(f)),
+        match (failure, unqueued) {
+            (Some(f), _) => Err(self.classify(f)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(()),
         }
     }
 
