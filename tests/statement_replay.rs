@@ -458,3 +458,78 @@ async fn entries_logged_while_the_bootstrap_runs_are_applied_once() {
         assert_eq!(rows, n, "rows on {}", f.name);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_grows_while_an_entry_waits_and_a_malformed_entry_stops_replay_until_it_goes() {
+    let info = row_cluster();
+    let db = setup(info, "slag", "CREATE TABLE t (id int PRIMARY KEY);").await;
+    let (_addr, metrics) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
+    common::wait_until(CONVERGE, || async {
+        recorded_seq(&info.followers[0], &db).await.is_some()
+            && recorded_seq(&info.followers[1], &db).await.is_some()
+    })
+    .await;
+    let mut client = connect_direct(&info.leader, &db).await;
+    // A statement that is slow on the followers only: their lag grows while it runs.
+    let slow = log_tx(
+        &mut client,
+        "INSERT INTO t VALUES (1)",
+        &[],
+        &[
+            simple("INSERT INTO t VALUES (1)"),
+            simple("SELECT pg_sleep(2)"),
+        ],
+        &[],
+    )
+    .await;
+    let lag = |f: &NodeInfo| format!("pgrelay_replication_lag_seconds{{follower=\"{}\"}}", f.name);
+    common::wait_until(CONVERGE, || async {
+        metric(&scrape(metrics).await, &lag(&info.followers[0])).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    wait_applied(&info.followers, &db, slow).await;
+    common::wait_until(CONVERGE, || async {
+        let text = scrape(metrics).await;
+        info.followers
+            .iter()
+            .all(|f| metric(&text, &lag(f)) == Some(0.0))
+    })
+    .await;
+
+    // An entry pgrelay cannot read: replay stops before it, and goes on once it is deleted
+    // (a gap in seq is normal: a transaction that took a seq and rolled back leaves one).
+    let before = log_sql(&mut client, "INSERT INTO t VALUES (2)").await;
+    let bad: i64 = client
+        .query_one(
+            "INSERT INTO pgrelay.statement_log (seq, role, settings, statements) \
+             VALUES (nextval('pgrelay.statement_seq'), session_user, '[]', '[{\"bogus\": 1}]') \
+             RETURNING seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let after = log_sql(&mut client, "INSERT INTO t VALUES (3)").await;
+    wait_applied(&info.followers, &db, before).await;
+    common::wait_until(CONVERGE, || async {
+        let text = scrape(metrics).await;
+        info.followers.iter().all(|f| {
+            metric(
+                &text,
+                &format!("pgrelay_apply_errors_total{{follower=\"{}\"}}", f.name),
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        })
+    })
+    .await;
+    for f in &info.followers {
+        assert_eq!(recorded_seq(f, &db).await, Some(before), "on {}", f.name);
+    }
+    client
+        .execute("DELETE FROM pgrelay.statement_log WHERE seq = $1", &[&bad])
+        .await
+        .unwrap();
+    wait_applied(&info.followers, &db, after).await;
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+}

@@ -47,14 +47,22 @@ pub(super) struct DatabaseTask {
 
 impl DatabaseTask {
     /// Publishes where the database stands: served, applied up to `applied`.
-    fn publish(&self, applied: u64, lag: Duration, backlog: Backlog) {
+    fn publish(&self, applied: u64) {
         self.positions
             .publish_database(self.node, &self.database, applied);
         self.shared.update(&self.database, |s| {
             s.ready = true;
             s.applied = Some(applied);
             s.error = None;
-            s.lag = lag;
+        });
+    }
+
+    /// Reports what waits: `oldest` is how long ago the oldest entry not applied yet was
+    /// logged (None: nothing waits), so the lag keeps growing while it waits.
+    fn pending(&self, oldest: Option<Duration>, backlog: Backlog) {
+        let since = oldest.and_then(|age| Instant::now().checked_sub(age));
+        self.shared.update(&self.database, |s| {
+            s.oldest_pending = since;
             s.lag_bytes = backlog.bytes;
             s.backlog = backlog.entries;
         });
@@ -64,7 +72,7 @@ impl DatabaseTask {
     fn unpublish(&self) {
         self.shared.update(&self.database, |s| {
             s.ready = false;
-            s.lag = Duration::ZERO;
+            s.oldest_pending = None;
             s.lag_bytes = 0;
         });
     }
@@ -273,7 +281,6 @@ async fn observe(
     conn: &mut BackendConn,
 ) -> Result<bool, ReplayError> {
     let mut backlog_at: Option<Instant> = None;
-    let mut backlog = Backlog::default();
     loop {
         if setup::try_lock(conn).await? {
             return Ok(true);
@@ -281,10 +288,11 @@ async fn observe(
         match setup::recorded_seq(conn).await? {
             Some(seq) => {
                 if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_REFRESH) {
-                    backlog = entry::backlog(leader, seq).await?;
+                    let backlog = entry::backlog(leader, seq).await?;
                     backlog_at = Some(Instant::now());
+                    task.pending((backlog.entries > 0).then_some(backlog.oldest), backlog);
                 }
-                task.publish(seq, backlog.oldest, backlog);
+                task.publish(seq);
             }
             None => task.unpublish(),
         }
@@ -301,26 +309,38 @@ async fn replay_loop(
     leader: &mut BackendConn,
     replayer: &mut Replayer,
 ) -> Result<(), ReplayError> {
-    task.publish(replayer.applied(), Duration::ZERO, Backlog::default());
+    task.publish(replayer.applied());
     let mut backlog_at: Option<Instant> = None;
     loop {
-        let entries = entry::fetch(leader, replayer.applied(), BATCH).await?;
+        let fetched = entry::fetch(leader, replayer.applied(), BATCH).await?;
+        let entries = fetched.entries;
         let more = entries.len() == BATCH;
-        let oldest = entries.first().map(|e| e.age).unwrap_or(Duration::ZERO);
-        if !entries.is_empty() {
+        if let Some(first) = entries.first() {
+            if backlog_at.is_none() {
+                // Within a batch: what the batch holds (a longer backlog is counted below).
+                let backlog = Backlog {
+                    entries: entries.len() as u64,
+                    bytes: entries.iter().map(|e| e.size_bytes).sum(),
+                    oldest: first.age,
+                };
+                task.pending(Some(first.age), backlog);
+            }
             let before = replayer.applied();
             let applied = replayer.apply(&entries).await;
             if replayer.applied() != before {
-                task.publish(replayer.applied(), oldest, Backlog::default());
+                task.publish(replayer.applied());
             }
             applied?;
+        }
+        if let Some(unreadable) = fetched.unreadable {
+            return Err(unreadable);
         }
         if more {
             // Behind by more than a batch: count what waits now and then, and go on at once.
             if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_REFRESH) {
                 let backlog = entry::backlog(leader, replayer.applied()).await?;
                 backlog_at = Some(Instant::now());
-                task.publish(replayer.applied(), backlog.oldest, backlog);
+                task.pending(Some(backlog.oldest), backlog);
             }
             if task.stop.is_cancelled() {
                 return Ok(());
@@ -330,7 +350,7 @@ async fn replay_loop(
         // Everything fetched is applied: nothing waits (until the next fetch says otherwise).
         if backlog_at.is_some() || !entries.is_empty() {
             backlog_at = None;
-            task.publish(replayer.applied(), Duration::ZERO, Backlog::default());
+            task.pending(None, Backlog::default());
         }
         if !task.wait(Some(replayer.conn())).await? {
             return Ok(());
