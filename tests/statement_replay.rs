@@ -533,3 +533,43 @@ async fn lag_grows_while_an_entry_waits_and_a_malformed_entry_stops_replay_until
     wait_applied(&info.followers, &db, after).await;
     assert_converged(info, &info.followers, &db, CONVERGE).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_ahead_of_the_leaders_log_is_refused_with_what_to_do() {
+    let info = row_cluster();
+    let db = setup(info, "sahead", "CREATE TABLE t (id int PRIMARY KEY);").await;
+    let dir = cluster::test_dir("stmtahead");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = statement_config(info, &db, "");
+    let mut first = ProxyProcess::start(&config, &dir, "first");
+    let mut client = connect_direct(&info.leader, &db).await;
+    let mut last = 0;
+    for i in 0..3 {
+        last = log_sql(&mut client, &format!("INSERT INTO t VALUES ({i})")).await;
+    }
+    wait_applied(&info.followers, &db, last).await;
+    first.kill();
+    // The leader's log starts again from scratch (as after restoring an old backup).
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA pgrelay CASCADE; {}",
+            leader_setup_sql()
+        ))
+        .await
+        .unwrap();
+    let second = ProxyProcess::start(&config, &dir, "second");
+    let log = dir.join("second.log");
+    common::wait_until(CONVERGE, || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("but the leader's log only reaches 0")
+    })
+    .await;
+    let text = scrape(second.metrics).await;
+    for f in &info.followers {
+        let up = format!("pgrelay_follower_up{{follower=\"{}\"}}", f.name);
+        assert_eq!(metric(&text, &up), Some(0.0), "{text}");
+    }
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -185,6 +185,15 @@ async fn replicate(task: &mut DatabaseTask, follower: &str) -> Result<(), Replay
     let state = setup::inspect(&mut conn).await?;
     let applied = match state {
         FollowerDb::Applied(seq) => {
+            let end = setup::leader_log_end(&mut leader).await?;
+            if seq > end {
+                return Err(ReplayError::Setup(format!(
+                    "follower \"{follower}\" database \"{database}\" has applied the statement \
+                     log up to seq {seq}, but the leader's log only reaches {end} (was the leader \
+                     restored from a backup, or its log recreated?); drop the database on the \
+                     follower to have it copied again"
+                )));
+            }
             info!(follower, database, seq, "resuming");
             seq
         }
