@@ -347,6 +347,18 @@ async fn pgrelay_restarted_and_a_second_pgrelay_apply_nothing_twice() {
         )
         .await;
         if i == 150 {
+            // Whichever of the two replays, both serve the followers: the other one follows
+            // the seq the followers record.
+            for proxy in [&first, &second] {
+                common::wait_until(CONVERGE, || async {
+                    let text = scrape(proxy.metrics).await;
+                    info.followers.iter().all(|f| {
+                        let up = format!("pgrelay_follower_up{{follower=\"{}\"}}", f.name);
+                        metric(&text, &up) == Some(1.0)
+                    })
+                })
+                .await;
+            }
             first.kill();
         }
     }
