@@ -7,6 +7,8 @@
 //!   follower's replay position.
 //! - [`row`]: logical decoding streamed from the leader and applied by pgrelay to writable
 //!   followers.
+//! - [`statement`]: the statement log sessions write on the leader, replayed by pgrelay on
+//!   writable followers (it shares row mode's follower task and bootstrap).
 pub mod lag;
 pub mod physical;
 pub mod positions;

@@ -33,7 +33,8 @@ pub(crate) enum LagSource {
     /// position; the WAL its slots retain is measured too.
     LeaderHistory(Arc<Mutex<LeaderHistory>>),
     /// Statement mode: each database task reports its own in [`super::DbState`]; the
-    /// follower's lag is the largest, its bytes and backlog the sums.
+    /// follower's lag is the age of the oldest change waiting in any database, its bytes and
+    /// backlog the sums.
     Reported,
 }
 
@@ -167,7 +168,13 @@ pub(crate) async fn follower_task(
                 (Some(a), Ok(h)) => (h.lag(a, Instant::now()), h.lag_bytes(a)),
                 _ => (Duration::ZERO, 0),
             },
-            LagSource::Reported => (reported.lag, reported.lag_bytes),
+            LagSource::Reported => (
+                reported
+                    .oldest_pending
+                    .map(|at| at.elapsed())
+                    .unwrap_or(Duration::ZERO),
+                reported.lag_bytes,
+            ),
         };
         if ready != published_ready {
             positions.set_databases(node, Some(ready.clone()));
@@ -228,7 +235,7 @@ struct Summary {
     applied: Option<Position>,
     /// The first error of any database.
     error: Option<String>,
-    /// Statement mode: the largest lag and the sum of bytes waiting in the ready databases,
+    /// Statement mode: the oldest change and the sum of bytes waiting in the ready databases,
     /// and the transactions waiting in all of them.
     reported: super::DbState,
 }
@@ -245,7 +252,10 @@ fn summarize(shared: &FollowerShared) -> Summary {
     let ready_states = || states.values().filter(|s| s.ready);
     let mut reported = super::DbState::default();
     for s in ready_states() {
-        reported.lag = reported.lag.max(s.lag);
+        reported.oldest_pending = match (reported.oldest_pending, s.oldest_pending) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         reported.lag_bytes += s.lag_bytes;
     }
     // A database that stopped still has a backlog, and it grows.

@@ -103,8 +103,9 @@ pub(crate) struct DbState {
     /// The last error, while it lasts (the follower is down for routing meanwhile).
     pub(crate) error: Option<String>,
     /// Statement mode, where each database measures its own lag (see
-    /// [`follower::LagSource::Reported`]): how old the oldest unapplied change is, ...
-    pub(crate) lag: Duration,
+    /// [`follower::LagSource::Reported`]): when the oldest change not applied yet was made
+    /// (None: none waits), ...
+    pub(crate) oldest_pending: Option<std::time::Instant>,
     /// ... how many bytes are waiting, ...
     pub(crate) lag_bytes: u64,
     /// ... and how many leader transactions.

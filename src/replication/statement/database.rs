@@ -47,14 +47,22 @@ pub(super) struct DatabaseTask {
 
 impl DatabaseTask {
     /// Publishes where the database stands: served, applied up to `applied`.
-    fn publish(&self, applied: u64, lag: Duration, backlog: Backlog) {
+    fn publish(&self, applied: u64) {
         self.positions
             .publish_database(self.node, &self.database, applied);
         self.shared.update(&self.database, |s| {
             s.ready = true;
             s.applied = Some(applied);
             s.error = None;
-            s.lag = lag;
+        });
+    }
+
+    /// Reports what waits: `oldest` is how long ago the oldest entry not applied yet was
+    /// logged (None: nothing waits), so the lag keeps growing while it waits.
+    fn pending(&self, oldest: Option<Duration>, backlog: Backlog) {
+        let since = oldest.and_then(|age| Instant::now().checked_sub(age));
+        self.shared.update(&self.database, |s| {
+            s.oldest_pending = since;
             s.lag_bytes = backlog.bytes;
             s.backlog = backlog.entries;
         });
@@ -64,25 +72,49 @@ impl DatabaseTask {
     fn unpublish(&self) {
         self.shared.update(&self.database, |s| {
             s.ready = false;
-            s.lag = Duration::ZERO;
+            s.oldest_pending = None;
             s.lag_bytes = 0;
         });
     }
 
     /// Waits for the next poll: `replication.poll_interval`, or sooner when asked. False when
-    /// the task must stop.
-    async fn wait(&mut self) -> bool {
+    /// the task must stop. `idle`: a follower connection with nothing in flight, watched so
+    /// that a follower that shuts down (FATAL, then EOF) is noticed without an entry to apply.
+    async fn wait(&mut self, idle: Option<&mut BackendConn>) -> Result<bool, ReplayError> {
         let tick = tokio::time::sleep(self.config.replication.poll_interval);
+        let closed = async {
+            match idle {
+                Some(conn) => idle_failure(conn).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.stop.cancelled() => false,
-            _ = tick => true,
+            _ = self.stop.cancelled() => Ok(false),
+            _ = tick => Ok(true),
+            e = closed => Err(e),
             changed = self.poll.changed() => {
                 if changed.is_err() {
                     // The fan-out stopped: only the tick is left.
                     tokio::time::sleep(self.config.replication.poll_interval).await;
                 }
-                true
+                Ok(true)
             }
+        }
+    }
+}
+
+/// Resolves when an idle connection fails: an ErrorResponse (the server shutting down) or a
+/// lost connection; notices and the like are skipped. Cancel-safe (`read_frame` is).
+async fn idle_failure(conn: &mut BackendConn) -> ReplayError {
+    loop {
+        match conn.read_frame().await {
+            Ok(frame) if frame.tag() == crate::protocol::backend::tag::ERROR_RESPONSE => {
+                let f =
+                    crate::protocol::backend::parse_error_fields(&frame.body()).unwrap_or_default();
+                return ReplayError::Follower(format!("{} (SQLSTATE {})", f.message, f.code));
+            }
+            Ok(_) => {}
+            Err(e) => return ReplayError::Follower(format!("connection lost: {e}")),
         }
     }
 }
@@ -102,12 +134,13 @@ pub(super) async fn run(mut task: DatabaseTask) {
             Err(e) => e,
         };
         let text = err.to_string();
-        if matches!(err, ReplayError::Diverged { .. } | ReplayError::BadEntry(_)) {
-            if let Some(m) = &task.metrics {
-                m.apply_errors.increment(1);
-            }
-        }
         if last_error.as_deref() != Some(text.as_str()) {
+            // Counted once per problem, not once per retry.
+            if matches!(err, ReplayError::Diverged { .. } | ReplayError::BadEntry(_)) {
+                if let Some(m) = &task.metrics {
+                    m.apply_errors.increment(1);
+                }
+            }
             match err {
                 ReplayError::Setup(_) | ReplayError::Diverged { .. } | ReplayError::BadEntry(_) => {
                     error!(follower = %follower, database = %task.database, error = %text, "replay stopped; retrying every {SLOW_RETRY:?}")
@@ -152,6 +185,15 @@ async fn replicate(task: &mut DatabaseTask, follower: &str) -> Result<(), Replay
     let state = setup::inspect(&mut conn).await?;
     let applied = match state {
         FollowerDb::Applied(seq) => {
+            let end = setup::leader_log_end(&mut leader).await?;
+            if seq > end {
+                return Err(ReplayError::Setup(format!(
+                    "follower \"{follower}\" database \"{database}\" has applied the statement \
+                     log up to seq {seq}, but the leader's log only reaches {end} (was the leader \
+                     restored from a backup, or its log recreated?); drop the database on the \
+                     follower to have it copied again"
+                )));
+            }
             info!(follower, database, seq, "resuming");
             seq
         }
@@ -248,7 +290,6 @@ async fn observe(
     conn: &mut BackendConn,
 ) -> Result<bool, ReplayError> {
     let mut backlog_at: Option<Instant> = None;
-    let mut backlog = Backlog::default();
     loop {
         if setup::try_lock(conn).await? {
             return Ok(true);
@@ -256,14 +297,15 @@ async fn observe(
         match setup::recorded_seq(conn).await? {
             Some(seq) => {
                 if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_REFRESH) {
-                    backlog = entry::backlog(leader, seq).await?;
+                    let backlog = entry::backlog(leader, seq).await?;
                     backlog_at = Some(Instant::now());
+                    task.pending((backlog.entries > 0).then_some(backlog.oldest), backlog);
                 }
-                task.publish(seq, backlog.oldest, backlog);
+                task.publish(seq);
             }
             None => task.unpublish(),
         }
-        if !task.wait().await {
+        if !task.wait(Some(&mut *conn)).await? {
             return Ok(false);
         }
     }
@@ -276,26 +318,38 @@ async fn replay_loop(
     leader: &mut BackendConn,
     replayer: &mut Replayer,
 ) -> Result<(), ReplayError> {
-    task.publish(replayer.applied(), Duration::ZERO, Backlog::default());
+    task.publish(replayer.applied());
     let mut backlog_at: Option<Instant> = None;
     loop {
-        let entries = entry::fetch(leader, replayer.applied(), BATCH).await?;
+        let fetched = entry::fetch(leader, replayer.applied(), BATCH).await?;
+        let entries = fetched.entries;
         let more = entries.len() == BATCH;
-        let oldest = entries.first().map(|e| e.age).unwrap_or(Duration::ZERO);
-        if !entries.is_empty() {
+        if let Some(first) = entries.first() {
+            if backlog_at.is_none() {
+                // Within a batch: what the batch holds (a longer backlog is counted below).
+                let backlog = Backlog {
+                    entries: entries.len() as u64,
+                    bytes: entries.iter().map(|e| e.size_bytes).sum(),
+                    oldest: first.age,
+                };
+                task.pending(Some(first.age), backlog);
+            }
             let before = replayer.applied();
             let applied = replayer.apply(&entries).await;
             if replayer.applied() != before {
-                task.publish(replayer.applied(), oldest, Backlog::default());
+                task.publish(replayer.applied());
             }
             applied?;
+        }
+        if let Some(unreadable) = fetched.unreadable {
+            return Err(unreadable);
         }
         if more {
             // Behind by more than a batch: count what waits now and then, and go on at once.
             if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_REFRESH) {
                 let backlog = entry::backlog(leader, replayer.applied()).await?;
                 backlog_at = Some(Instant::now());
-                task.publish(replayer.applied(), backlog.oldest, backlog);
+                task.pending(Some(backlog.oldest), backlog);
             }
             if task.stop.is_cancelled() {
                 return Ok(());
@@ -305,9 +359,9 @@ async fn replay_loop(
         // Everything fetched is applied: nothing waits (until the next fetch says otherwise).
         if backlog_at.is_some() || !entries.is_empty() {
             backlog_at = None;
-            task.publish(replayer.applied(), Duration::ZERO, Backlog::default());
+            task.pending(None, Backlog::default());
         }
-        if !task.wait().await {
+        if !task.wait(Some(replayer.conn())).await? {
             return Ok(());
         }
     }

@@ -53,17 +53,41 @@ fn fetch_sql(after: u64, limit: usize) -> String {
     )
 }
 
+/// What one read of the log found.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The entries up to the first that cannot be read.
+    pub entries: Vec<Entry>,
+    /// Why the entry after them cannot be read: replay stops there.
+    pub unreadable: Option<ReplayError>,
+}
+
 /// Reads the entries after `after` (at most `limit`) from the leader database.
 pub async fn fetch(
     leader: &mut BackendConn,
     after: u64,
     limit: usize,
-) -> Result<Vec<Entry>, ReplayError> {
+) -> Result<Fetched, ReplayError> {
     let rows = leader
         .query(&fetch_sql(after, limit))
         .await
         .map_err(|e| ReplayError::Leader(format!("reading the statement log: {}", e.message)))?;
-    rows.into_iter().map(parse_row).collect()
+    let mut entries = Vec::with_capacity(rows.len());
+    for row in rows {
+        match parse_row(row) {
+            Ok(e) => entries.push(e),
+            Err(e) => {
+                return Ok(Fetched {
+                    entries,
+                    unreadable: Some(e),
+                })
+            }
+        }
+    }
+    Ok(Fetched {
+        entries,
+        unreadable: None,
+    })
 }
 
 /// Decodes one row of [`fetch_sql`].

@@ -12,6 +12,8 @@
 
 use std::sync::Arc;
 
+use bytes::BytesMut;
+
 use crate::backend::BackendConn;
 use crate::metrics::FollowerMetrics;
 use crate::protocol::backend::{self as be, tag};
@@ -148,8 +150,17 @@ impl Replayer {
     pub async fn apply(&mut self, entries: &[Entry]) -> Result<(), ReplayError> {
         let mut steps: Vec<(u64, Step)> = Vec::new();
         let mut previous = self.applied;
+        // An entry that cannot be queued stops the batch there: the entries before it are
+        // applied, its own half-queued messages are dropped.
+        let mut unqueued: Option<ReplayError> = None;
         for entry in entries {
-            self.queue_entry(entry, previous, &mut steps)?;
+            let (bytes, queued) = (self.conn.wbuf.len(), steps.len());
+            if let Err(e) = queue_entry(&mut self.conn.wbuf, entry, previous, &mut steps) {
+                self.conn.wbuf.truncate(bytes);
+                steps.truncate(queued);
+                unqueued = Some(e);
+                break;
+            }
             previous = entry.seq;
         }
         self.conn
@@ -181,9 +192,10 @@ impl Replayer {
                 }
             }
         }
-        match failure {
-            None => Ok(()),
-            Some(f) => Err(self.classify(f)),
+        match (failure, unqueued) {
+            (Some(f), _) => Err(self.classify(f)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(()),
         }
     }
 
@@ -210,66 +222,6 @@ impl Replayer {
             };
         }
         ReplayError::Follower(format!("{at}: {} (SQLSTATE {})", f.message, f.code))
-    }
-
-    /// Queues every message of one entry's transaction, and the steps whose replies follow.
-    fn queue_entry(
-        &mut self,
-        entry: &Entry,
-        previous: u64,
-        steps: &mut Vec<(u64, Step)>,
-    ) -> Result<(), ReplayError> {
-        let seq = entry.seq;
-        let out = &mut self.conn.wbuf;
-        let query = |out: &mut bytes::BytesMut, sql: &str, step: Step| {
-            fe::query(out, sql);
-            (seq, step)
-        };
-        steps.push(query(out, "BEGIN", Step::Begin));
-        steps.push(query(
-            out,
-            &format!("SET LOCAL ROLE {}", ident(&entry.role)),
-            Step::Role,
-        ));
-        for (i, setting) in entry.settings.iter().enumerate() {
-            steps.push(query(out, setting, Step::Setting(i + 1)));
-        }
-        // Always on: a statement that asks for a value the leader did not record fails
-        // rather than making up a new one.
-        let replaying = format!(
-            "SET LOCAL pgrelay.replaying = on; \
-             SELECT pg_catalog.set_config('pgrelay.replay_values', {}, true)",
-            literal(&entry.gen_values)
-        );
-        steps.push(query(out, &replaying, Step::Replaying));
-        for (i, statement) in entry.statements.iter().enumerate() {
-            let step = Step::Statement(i + 1);
-            if let Some(index) = statement.copy {
-                let Some(block) = entry.copy_block(index) else {
-                    return Err(ReplayError::BadEntry(format!(
-                        "entry seq {seq} statement {}: no copy_data[{index}]",
-                        i + 1
-                    )));
-                };
-                steps.push(query(out, &statement.sql, step));
-                for chunk in block.chunks(COPY_CHUNK) {
-                    fe::copy_data(out, chunk);
-                }
-                fe::copy_done(out);
-            } else if let Some(ext) = &statement.extended {
-                fe::parse(out, "", &statement.sql, &ext.types);
-                fe::bind(out, "", "", &ext.formats, ext.params.iter().map(|p| p.as_deref()));
-                fe::execute(out);
-                fe::sync(out);
-                steps.push((seq, step));
-            } else {
-                steps.push(query(out, &statement.sql, step));
-            }
-        }
-        steps.push(query(out, "RESET ROLE", Step::ResetRole));
-        steps.push(query(out, &advance_sql(previous, seq), Step::Advance));
-        steps.push(query(out, "COMMIT", Step::Commit));
-        Ok(())
     }
 
     /// Reads replies up to the next ReadyForQuery: the first error among them, and the tag
@@ -302,9 +254,72 @@ impl Replayer {
     }
 }
 
+/// Queues every message of one entry's transaction (the previous entry's seq is
+/// `previous`), and the steps whose replies follow, one per ReadyForQuery.
+fn queue_entry(
+    out: &mut BytesMut,
+    entry: &Entry,
+    previous: u64,
+    steps: &mut Vec<(u64, Step)>,
+) -> Result<(), ReplayError> {
+    let seq = entry.seq;
+    let query = |out: &mut BytesMut, sql: &str, step: Step| {
+        fe::query(out, sql);
+        (seq, step)
+    };
+    steps.push(query(out, "BEGIN", Step::Begin));
+    steps.push(query(
+        out,
+        &format!("SET LOCAL ROLE {}", ident(&entry.role)),
+        Step::Role,
+    ));
+    for (i, setting) in entry.settings.iter().enumerate() {
+        steps.push(query(out, setting, Step::Setting(i + 1)));
+    }
+    // Always on: a statement that asks for a value the leader did not record fails
+    // rather than making up a new one.
+    let replaying = format!(
+        "SET LOCAL pgrelay.replaying = on; \
+         SELECT pg_catalog.set_config('pgrelay.replay_values', {}, true)",
+        literal(&entry.gen_values)
+    );
+    steps.push(query(out, &replaying, Step::Replaying));
+    for (i, statement) in entry.statements.iter().enumerate() {
+        let step = Step::Statement(i + 1);
+        if let Some(index) = statement.copy {
+            let Some(block) = entry.copy_block(index) else {
+                return Err(ReplayError::BadEntry(format!(
+                    "entry seq {seq} statement {}: no copy_data[{index}]",
+                    i + 1
+                )));
+            };
+            steps.push(query(out, &statement.sql, step));
+            for chunk in block.chunks(COPY_CHUNK) {
+                fe::copy_data(out, chunk);
+            }
+            fe::copy_done(out);
+        } else if let Some(ext) = &statement.extended {
+            fe::parse(out, "", &statement.sql, &ext.types);
+            fe::bind(out, "", "", &ext.formats, ext.params.iter().map(|p| p.as_deref()));
+            fe::execute(out);
+            fe::sync(out);
+            steps.push((seq, step));
+        } else {
+            steps.push(query(out, &statement.sql, step));
+        }
+    }
+    steps.push(query(out, "RESET ROLE", Step::ResetRole));
+    steps.push(query(out, &advance_sql(previous, seq), Step::Advance));
+    steps.push(query(out, "COMMIT", Step::Commit));
+    Ok(())
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::protocol::codec::decode_frame;
+    use crate::replication::statement::log::{Extended, LoggedStatement};
 
     #[test]
     fn the_seq_update_fails_unless_it_starts_from_the_previous_seq() {
@@ -312,6 +327,83 @@ mod tests {
         assert!(sql.contains("SET seq = 9"), "{sql}");
         assert!(sql.contains("AND seq = 4"), "{sql}");
         assert!(sql.contains("1 / (SELECT count(*)"), "{sql}");
+    }
+
+    /// The messages an entry becomes: (tag, text of the first field or the data).
+    fn messages(mut out: BytesMut) -> Vec<(char, String)> {
+        let mut seen = Vec::new();
+        while let Some(frame) = decode_frame(&mut out, 1 << 20).unwrap() {
+            let body = frame.body();
+            let text = String::from_utf8_lossy(&body)
+                .split('\0')
+                .find(|s| !s.is_empty())
+                .unwrap_or("")
+                .to_owned();
+            seen.push((char::from(frame.tag()), text));
+        }
+        seen
+    }
+
+    #[test]
+    fn an_entry_is_one_transaction_of_pipelined_messages() {
+        let entry = Entry {
+            seq: 12,
+            role: "app".into(),
+            settings: vec!["SET LOCAL pgrelay.now = '2020-01-01'".into()],
+            statements: vec![
+                LoggedStatement {
+                    sql: "INSERT INTO t VALUES ($1)".into(),
+                    extended: Some(Extended {
+                        types: vec![23],
+                        formats: vec![],
+                        params: vec![Some(b"1".to_vec())],
+                    }),
+                    copy: None,
+                },
+                LoggedStatement {
+                    sql: "COPY t FROM STDIN".into(),
+                    extended: None,
+                    copy: Some(1),
+                },
+            ],
+            gen_values: "7,".into(),
+            copy_data: vec![b"2\n".to_vec()],
+            size_bytes: 0,
+            age: std::time::Duration::ZERO,
+        };
+        let mut out = BytesMut::new();
+        let mut steps = Vec::new();
+        queue_entry(&mut out, &entry, 9, &mut steps).unwrap();
+        let seen = messages(out);
+        let tags: String = seen.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tags, "QQQQPBESQdcQQQ");
+        assert_eq!(seen[0].1, "BEGIN");
+        assert_eq!(seen[1].1, "SET LOCAL ROLE \"app\"");
+        assert!(seen[3].1.contains("'7,'"), "{}", seen[3].1);
+        assert_eq!(seen[9].1, "2\n");
+        assert_eq!(seen[11].1, "RESET ROLE");
+        assert!(seen[12].1.contains("SET seq = 12") && seen[12].1.contains("AND seq = 9"));
+        assert_eq!(seen[13].1, "COMMIT");
+        // One step per ReadyForQuery to come: every Query, and the extended statement's Sync.
+        assert_eq!(
+            steps,
+            vec![
+                (12, Step::Begin),
+                (12, Step::Role),
+                (12, Step::Setting(1)),
+                (12, Step::Replaying),
+                (12, Step::Statement(1)),
+                (12, Step::Statement(2)),
+                (12, Step::ResetRole),
+                (12, Step::Advance),
+                (12, Step::Commit),
+            ]
+        );
+        // COPY data that the entry does not have: nothing to replay.
+        let mut broken = entry.clone();
+        broken.copy_data.clear();
+        let err = queue_entry(&mut BytesMut::new(), &broken, 9, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("seq 12 statement 2"), "{err}");
     }
 
     #[test]

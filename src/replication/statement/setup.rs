@@ -79,6 +79,18 @@ pub async fn ensure_bookkeeping(conn: &mut BackendConn) -> Result<(), ReplayErro
     ))
 }
 
+/// The highest seq the leader's log ever handed out (committed or not).
+pub async fn leader_log_end(leader: &mut BackendConn) -> Result<u64, ReplayError> {
+    let end = leader
+        .query("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgrelay.statement_seq")
+        .await
+        .map(single)
+        .map_err(|e| {
+            ReplayError::Leader(format!("reading pgrelay.statement_seq: {}", e.message))
+        })?;
+    Ok(end.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
 /// What the follower database holds for statement mode.
 pub async fn inspect(conn: &mut BackendConn) -> Result<FollowerDb, ReplayError> {
     Ok(inspect_follower_at(conn, APPLIED_SOURCE, "seq::text", |t| t.parse().ok()).await?)
