@@ -82,6 +82,17 @@ const SCHEMA: &str = "
 async fn setup(prefix: &str, extra: &str) -> (&'static ClusterInfo, String, SocketAddr, SocketAddr) {
     let info = row_cluster();
     let db = leader_database(&info.leader, prefix).await;
+    // The leader's sessions read dates day first and in another time zone: the replay must
+    // read the logged text the same way.
+    connect_direct(&info.leader, "postgres")
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET datestyle = 'SQL, DMY'; \
+             ALTER DATABASE {db} SET timezone = 'Asia/Kolkata'; \
+             ALTER DATABASE {db} SET intervalstyle = 'sql_standard'"
+        ))
+        .await
+        .unwrap();
     connect_direct(&info.leader, &db)
         .await
         .batch_execute(SCHEMA)
@@ -142,7 +153,24 @@ async fn serial_keys_time_and_random_defaults_leave_identical_rows() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    // Literals read with the leader database's date style, time zone and interval style.
+    c.batch_execute(
+        "CREATE TABLE days (d date, at timestamptz, span interval);
+         INSERT INTO days VALUES ('02/01/2020', '2020-01-02 03:04:05', '1 2:03:04')",
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO days VALUES ($1::text::date, $2::text::timestamptz, $3::text::interval)",
+        &[&"03/01/2020", &"2020-01-03 03:04:05", &"2 1:00:00"],
+    )
+    .await
+    .unwrap();
     assert_converged(info, &info.followers, &db, CONVERGE).await;
+    // Day first: 2 January.
+    let d: String =
+        value_on(&info.followers[0], &db, "SELECT to_char(min(d), 'YYYY-MM-DD') FROM days").await;
+    assert_eq!(d, "2020-01-02");
     // The followers' sequences stand where the leader's does, so a promoted follower does
     // not hand out keys the leader already gave.
     let leader_seq: i64 = value_on(&info.leader, &db, "SELECT last_value FROM items_id_seq").await;

@@ -18,7 +18,9 @@
 //!   the leader and append it to the transaction-local setting `pgrelay.values`; on a follower,
 //!   where the replayer sets `pgrelay.replaying = on` and `pgrelay.replay_values` to what the
 //!   leader recorded, they hand the recorded values out in the same order instead
-//!   (`pgrelay.nextval` also moves the follower's sequence to the leader's value). A replay that
+//!   (`pgrelay.nextval` also moves the follower's sequence to the leader's value, through
+//!   `pgrelay.replay_setval`, which runs with its owner's rights but only for a superuser
+//!   session such as the replayer's, so a role with just USAGE on a sequence replays). A replay that
 //!   asks for more values than were recorded fails loudly rather than making one up.
 //!   Values set with `set_config(..., true)` are undone by `ROLLBACK TO SAVEPOINT`, like the
 //!   statements pgrelay drops from the log then.
@@ -66,6 +68,16 @@ CREATE OR REPLACE FUNCTION pgrelay.random() RETURNS double precision LANGUAGE sq
 $f$ SELECT pgrelay.take_value(pg_catalog.floor(pg_catalog.random() * 4503599627370496)::bigint::text)::bigint / 4503599627370496.0::double precision $f$;
 CREATE OR REPLACE FUNCTION pgrelay.uuid() RETURNS uuid LANGUAGE sql VOLATILE AS
 $f$ SELECT pgrelay.take_value(pg_catalog.gen_random_uuid()::text)::uuid $f$;
+CREATE OR REPLACE FUNCTION pgrelay.replay_setval(seq regclass, v bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS
+$f$
+BEGIN
+  IF NOT coalesce((SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user), false) THEN
+    RAISE EXCEPTION 'pgrelay.replay_setval is for pgrelay''s replayer' USING ERRCODE = '42501';
+  END IF;
+  RETURN pg_catalog.setval(seq, v, true);
+END
+$f$;
 CREATE OR REPLACE FUNCTION pgrelay.nextval(seq regclass) RETURNS bigint LANGUAGE plpgsql VOLATILE AS
 $f$
 DECLARE
@@ -73,7 +85,7 @@ DECLARE
 BEGIN
   IF pg_catalog.current_setting('pgrelay.replaying', true) = 'on' THEN
     v := pgrelay.take_value(NULL)::bigint;
-    PERFORM pg_catalog.setval(seq, v, true);
+    PERFORM pgrelay.replay_setval(seq, v);
     RETURN v;
   END IF;
   RETURN pgrelay.take_value(pg_catalog.nextval(seq)::text)::bigint;
@@ -113,13 +125,19 @@ COMMIT"
 
 /// The insert a session sends just before the client's COMMIT (extended protocol; parameters:
 /// `$1` settings, `$2` statements, both JSON text; `$3` the COPY data as `bytea[]` text or
-/// NULL). It returns the entry's `seq`, the commit's position. The transaction's time
-/// (`pgrelay.now()`, the leader's `now()` unless pgrelay set it) joins the settings, so the
-/// replay uses the same.
+/// NULL). It returns the entry's `seq`, the commit's position. The settings in force that
+/// change how text is read (time zone, date style, search path, string escapes, ...: the
+/// database's and role's defaults count too) and the transaction's time (`pgrelay.now()`, the
+/// leader's `now()` unless pgrelay set it) join the settings, so the replay reads the
+/// statements as the leader did.
 pub const INSERT_SQL: &str = "INSERT INTO pgrelay.statement_log \
      (seq, role, settings, statements, gen_values, copy_data) \
      VALUES (pg_catalog.nextval('pgrelay.statement_seq'), session_user, \
-     $1::jsonb || pg_catalog.jsonb_build_array('SET LOCAL pgrelay.now = ' || pg_catalog.quote_literal( \
+     $1::jsonb || (SELECT pg_catalog.jsonb_agg(pg_catalog.format( \
+     'SELECT pg_catalog.set_config(%L, %L, true)', n, pg_catalog.current_setting(n))) \
+     FROM pg_catalog.unnest(ARRAY['TimeZone', 'DateStyle', 'IntervalStyle', 'search_path', \
+     'standard_conforming_strings', 'extra_float_digits', 'bytea_output']) AS n) \
+     || pg_catalog.jsonb_build_array('SET LOCAL pgrelay.now = ' || pg_catalog.quote_literal( \
      pg_catalog.to_char(pgrelay.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00')), $2::jsonb, \
      nullif(pg_catalog.current_setting('pgrelay.values', true), ''), $3::bytea[]) RETURNING seq";
 
