@@ -546,6 +546,7 @@ impl Session {
             group.tail_replies = [2, 1, 1];
             group.completions_sent += 1;
         }
+        group.own_statements |= log_send.query_override.is_some();
         if log_send.log_capture {
             group.log_capture = true;
             group.position_from_pending =

@@ -154,6 +154,8 @@ struct Group {
     /// swallowed once every client statement before it completed.
     tail_at: Option<usize>,
     tail_replies: [usize; 3],
+    /// Statement mode: pgrelay's statements joined the client's simple query string.
+    own_statements: bool,
     /// Statement mode: the rows of one of pgrelay's statements in a simple query are arriving
     /// (Some(true): the log insert's, which carry the position).
     own_rows: Option<bool>,

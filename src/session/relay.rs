@@ -399,6 +399,10 @@ impl Session {
                     Report::error(sqlstate::CONNECTION_FAILURE, &message).write_error(&mut out);
                     be::ready_for_query(&mut out, TxStatus::Idle);
                     self.emit(&out);
+                    if group.log_capture {
+                        // Statement mode: the commit's outcome is unknown; its reply goes out.
+                        self.capture_done(None);
+                    }
                 }
             }
         }
@@ -412,7 +416,7 @@ impl Session {
 fn swallow_own(group: &mut Group, frame: &Frame) -> bool {
     let t = frame.tag();
     // Simple query: the rows of pgrelay's statements are marked by their column alias.
-    if t == tag::ROW_DESCRIPTION {
+    if t == tag::ROW_DESCRIPTION && group.own_statements {
         if let Some(seq) = super::statement::is_own_row_description(&frame.body()) {
             group.own_rows = Some(seq);
             return true;

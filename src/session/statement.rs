@@ -312,17 +312,22 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
 }
 
 /// Turns a session `SET` statement into its transaction-local form for the replay.
-pub fn local_setting(text: &str) -> String {
-    let trimmed = text.trim_start();
+pub fn local_setting(text: &str) -> Option<String> {
+    let trimmed = text.trim().trim_end_matches(';').trim_end();
     let lower = trimmed.to_ascii_lowercase();
-    let rest = if lower.starts_with("set session ") && !lower.starts_with("set session authorization") && !lower.starts_with("set session characteristics") {
-        &trimmed[12..]
-    } else if lower.starts_with("set ") && !lower.starts_with("set local ") {
-        &trimmed[4..]
-    } else {
-        return trimmed.to_owned();
-    };
-    format!("SET LOCAL {}", rest.trim_end().trim_end_matches(';'))
+    if lower.starts_with("set session characteristics") || !lower.starts_with("set ") {
+        // Transaction characteristics change no statement's meaning.
+        return None;
+    }
+    if lower.starts_with("set local ") {
+        return Some(trimmed.to_owned());
+    }
+    // `SET [SESSION] x`, also `SET SESSION AUTHORIZATION`, become `SET LOCAL ...`.
+    let rest = match lower.strip_prefix("set session ") {
+        Some(r) if !r.starts_with("authorization") => trimmed.get("set session ".len()..),
+        _ => trimmed.get("set ".len()..),
+    }?;
+    Some(format!("SET LOCAL {rest}"))
 }
 
 /// A SQL literal that keeps `text` intact (dollar quoting, whatever the string settings).
@@ -417,11 +422,11 @@ impl Session {
             ));
         }
         for s in self.state.settings() {
-            out.push(local_setting(s));
+            out.extend(local_setting(s));
         }
         for c in &self.tx_changes {
             if let crate::routing::classify::SessionOp::Set { .. } = c.op {
-                out.push(local_setting(&c.text));
+                out.extend(local_setting(&c.text));
             }
         }
         out
@@ -577,9 +582,15 @@ mod tests {
 
     #[test]
     fn settings_become_local() {
-        assert_eq!(local_setting("SET search_path = a"), "SET LOCAL search_path = a");
-        assert_eq!(local_setting("set session TimeZone to 'UTC';"), "SET LOCAL TimeZone to 'UTC'");
-        assert_eq!(local_setting("SET LOCAL x = 1"), "SET LOCAL x = 1");
+        let local = |t: &str| local_setting(t).unwrap_or_default();
+        assert_eq!(local("SET search_path = a"), "SET LOCAL search_path = a");
+        assert_eq!(local("set session TimeZone to 'UTC';"), "SET LOCAL TimeZone to 'UTC'");
+        assert_eq!(local("SET LOCAL x = 1"), "SET LOCAL x = 1");
+        assert_eq!(
+            local("SET SESSION AUTHORIZATION bob"),
+            "SET LOCAL SESSION AUTHORIZATION bob"
+        );
+        assert_eq!(local_setting("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"), None);
     }
 
     #[test]
