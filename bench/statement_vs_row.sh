@@ -3,7 +3,7 @@
 # through pgrelay, one leader and one follower, with `[replication] mode = "statement"`
 # (`serialize_writes = true`, then `false`) and with `mode = "row"`.
 #
-# Usage: bench/statement_vs_row.sh      (~6-9 minutes with the defaults on 2 cores; as root, Postgres
+# Usage: bench/statement_vs_row.sh      (4-7 minutes with the defaults on 2 cores; as root, Postgres
 #                                        runs as OS user postgres, else as the user running the script)
 #        SCALE=1 DURATION=5 BIG_ROWS=100000 bench/statement_vs_row.sh   (a quick check, ~2 minutes)
 # Knobs (environment):
