@@ -47,7 +47,7 @@ impl Session {
                     let temp = self.may_have_temp(class.pins_leader);
                     self.plan_query_ddl(sql, temp);
                 }
-                if self.statement_mode() {
+                if self.statement_mode() && statement::may_log(&c, sql) {
                     self.plan_query_log(sql);
                 }
                 self.unit.merge(class);

@@ -173,6 +173,19 @@ const NOT_LOGGED: &[&str] = &[
 /// Reads, unless they call something that writes.
 const READS: &[&str] = &["select", "values", "table", "explain"];
 
+/// Whether a classified query string may do anything statement mode logs or tracks (a write,
+/// DDL, transaction control, a savepoint); plain reads skip the planning.
+pub fn may_log(c: &Classification, sql: &str) -> bool {
+    !c.read_only
+        || c.writes
+        || c.begin.is_some()
+        || c.ends_transaction
+        || matches!(
+            words(sql, 1).first().map(String::as_str),
+            Some("savepoint" | "release" | "rollback" | "abort" | "commit" | "end")
+        )
+}
+
 /// What the session needs to plan a statement.
 pub struct PlanContext<'a> {
     pub determinism: determinism::Context<'a>,
@@ -781,9 +794,13 @@ impl Session {
     /// The text that runs a planned simple query string with pgrelay's statements in it: the
     /// ordering lock before the first logged statement of a transaction (with
     /// `serialize_writes`, else before the log insert), the log insert before each COMMIT of a
-    /// block that wrote and at the end of an implicit transaction that wrote. Returns whether
-    /// the string commits a logged transaction.
-    fn query_log_text(&mut self, statements: &[(String, Plan)], settings: &[String]) -> (String, bool) {
+    /// block that wrote and at the end of an implicit transaction that wrote. Returns the text
+    /// (None: the client's own will do) and whether the string commits a logged transaction.
+    fn query_log_text(
+        &mut self,
+        statements: &[(String, Plan)],
+        settings: &[String],
+    ) -> (Option<String>, bool) {
         let serialize = self.config.statement.serialize_writes;
         let lock = format!("{} AS \"{LOCK_ALIAS}\"", log::order_lock_sql());
         let mut out = String::new();
@@ -807,6 +824,8 @@ impl Session {
         let mut in_block = self.in_block;
         let mut implicit: Option<LoggedTx> = None;
         let mut capture = false;
+        // Whether the string differs from the client's (pgrelay's statements, rewritten text).
+        let mut changed = false;
         for (text, plan) in statements {
             match plan {
                 Plan::Begin => {
@@ -837,15 +856,18 @@ impl Session {
                     if serialize && !tx.locked {
                         push(&mut out, &lock);
                         tx.locked = true;
+                        changed = true;
                     }
                     tx.apply(&op);
                     push(&mut out, sql);
+                    changed |= sql != text;
                 }
                 Plan::Commit => {
                     if let Some(tx) = self.stx.take() {
                         if !tx.statements.is_empty() {
                             insert(&mut out, &tx);
                             capture = true;
+                            changed = true;
                         }
                     }
                     push(&mut out, text);
@@ -873,10 +895,11 @@ impl Session {
             if !tx.statements.is_empty() {
                 insert(&mut out, &tx);
                 capture = true;
+                changed = true;
             }
         }
         self.in_block = in_block;
-        (out, capture)
+        (changed.then_some(out), capture)
     }
 
     /// What to send with `unit` on the leader, and what it does to the logged transaction.
@@ -975,7 +998,7 @@ impl Session {
         }
         if let Some((frame, statements)) = &unit.log_query {
             let (text, capture) = self.query_log_text(statements, &settings);
-            send.query_override = Some((*frame, text));
+            send.query_override = text.map(|t| (*frame, t));
             send.log_capture = capture;
             return send;
         }
