@@ -452,6 +452,10 @@ async fn ddl_in_the_middle_of_the_stream_replays_in_order() {
     )
     .await
     .unwrap();
+    // Dropping the temporary table is the session's business too (a follower has none).
+    c.batch_execute("UPDATE scratch SET x = 2; DROP TABLE scratch")
+    .await
+    .unwrap();
     c.batch_execute("CREATE INDEX CONCURRENTLY later_v ON later (v)")
         .await
         .unwrap();

@@ -513,20 +513,8 @@ impl Session {
     pub(super) fn note_temp_tables(&mut self, sql: &str) {
         if let Some(name) = determinism::temp_table_created(sql) {
             self.temp_tables.insert(name);
-            return;
-        }
-        if self.temp_tables.is_empty() {
-            return;
-        }
-        let w = words(sql, 2);
-        if w.first().map(String::as_str) == Some("discard") {
-            self.temp_tables.clear();
-        } else if w.first().map(String::as_str) == Some("drop") {
-            if let Ddl::Transactional(r) = rddl::analyze(sql) {
-                for rel in r.relations {
-                    self.temp_tables.remove(&rel.to_ascii_lowercase());
-                }
-            }
+        } else if !self.temp_tables.is_empty() {
+            determinism::forget_temp_tables(sql, &mut self.temp_tables);
         }
     }
 
@@ -696,9 +684,11 @@ impl Session {
         let mut copy_pending = false;
         for &(a, b) in &spans {
             let Some(text) = sql.get(a..b) else { return };
-            self.note_temp_tables(text);
             let c = self.classifier.classify(text);
+            // Planned before the session's temporary tables change: a DROP of one is not
+            // logged, a write to one created here is not either.
             let plan = self.plan_statement(text, &c);
+            self.note_temp_tables(text);
             match &plan {
                 Plan::Refuse(r) => return self.refuse_query(frame, r.clone()),
                 Plan::AfterSuccess { sql: s } if spans.len() == 1 => {
@@ -765,8 +755,8 @@ impl Session {
         query: &str,
         c: &Classification,
     ) -> Result<(Option<Arc<(Plan, Vec<u32>)>>, Option<Bytes>), Raise> {
-        self.note_temp_tables(query);
         let plan = self.plan_statement(query, c);
+        self.note_temp_tables(query);
         let types = fe::parse_param_types(body).unwrap_or_default();
         match plan {
             Plan::Skip => Ok((None, None)),
