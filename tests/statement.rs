@@ -18,11 +18,11 @@ use std::time::Duration;
 use common::row::{
     assert_converged, leader_database, row_cluster, start_row_cluster, value_on, ProxyProcess,
 };
+use common::SUPERUSER;
 use common::{
     connect_direct, connect_proxy, metric, pg_command, proxy_config, scrape, sqlstate,
     start_proxy_with_metrics, ClusterInfo,
 };
-use common::SUPERUSER;
 use pgrelay::cluster::{self, NodeInfo};
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -79,7 +79,10 @@ const SCHEMA: &str = "
 ";
 
 /// A database with [`SCHEMA`] and a pgrelay replicating it, bootstrapped.
-async fn setup(prefix: &str, extra: &str) -> (&'static ClusterInfo, String, SocketAddr, SocketAddr) {
+async fn setup(
+    prefix: &str,
+    extra: &str,
+) -> (&'static ClusterInfo, String, SocketAddr, SocketAddr) {
     let info = row_cluster();
     let db = leader_database(&info.leader, prefix).await;
     // The leader's sessions read dates day first and in another time zone: the replay must
@@ -142,16 +145,24 @@ async fn serial_keys_time_and_random_defaults_leave_identical_rows() {
     // What pgrelay adds is invisible: the client sees its one parameter.
     assert_eq!(insert.params().len(), 1);
     for i in 0..20 {
-        c.execute(&insert, &[&format!("prepared {i}")]).await.unwrap();
+        c.execute(&insert, &[&format!("prepared {i}")])
+            .await
+            .unwrap();
     }
     let mut tx_client = connect_proxy(addr, &db).await;
     let tx = tx_client.transaction().await.unwrap();
-    tx.execute("INSERT INTO items (note) VALUES ($1)", &[&"in a transaction"])
-        .await
-        .unwrap();
-    tx.execute("UPDATE items SET note = note || '!' WHERE id = $1", &[&1i32])
-        .await
-        .unwrap();
+    tx.execute(
+        "INSERT INTO items (note) VALUES ($1)",
+        &[&"in a transaction"],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "UPDATE items SET note = note || '!' WHERE id = $1",
+        &[&1i32],
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     // Literals read with the leader database's date style, time zone and interval style.
     c.batch_execute(
@@ -168,8 +179,12 @@ async fn serial_keys_time_and_random_defaults_leave_identical_rows() {
     .unwrap();
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     // Day first: 2 January.
-    let d: String =
-        value_on(&info.followers[0], &db, "SELECT to_char(min(d), 'YYYY-MM-DD') FROM days").await;
+    let d: String = value_on(
+        &info.followers[0],
+        &db,
+        "SELECT to_char(min(d), 'YYYY-MM-DD') FROM days",
+    )
+    .await;
     assert_eq!(d, "2020-01-02");
     // The followers' sequences stand where the leader's does, so a promoted follower does
     // not hand out keys the leader already gave.
@@ -200,9 +215,18 @@ async fn unsafe_statements_are_refused_with_0a000_naming_the_construct() {
     .await
     .unwrap();
     let cases = [
-        ("UPDATE accounts SET balance = (random() * 10)::int", "random()"),
-        ("INSERT INTO items (note) SELECT 'x' FROM generate_series(1, 3)", "items.id"),
-        ("INSERT INTO items (at) VALUES (clock_timestamp())", "clock_timestamp"),
+        (
+            "UPDATE accounts SET balance = (random() * 10)::int",
+            "random()",
+        ),
+        (
+            "INSERT INTO items (note) SELECT 'x' FROM generate_series(1, 3)",
+            "items.id",
+        ),
+        (
+            "INSERT INTO items (at) VALUES (clock_timestamp())",
+            "clock_timestamp",
+        ),
         ("UPDATE accounts SET balance = pick() WHERE id = 1", "pick"),
     ];
     for (sql, construct) in cases {
@@ -245,14 +269,17 @@ async fn unsafe_statements_run_with_a_warning_when_allowed() {
     // The statement reached the followers (with their own clock: that is the warning).
     for f in &info.followers {
         common::wait_until(CONVERGE, || async {
-            let note: String =
-                value_on(f, &db, "SELECT note FROM accounts WHERE id = 1").await;
+            let note: String = value_on(f, &db, "SELECT note FROM accounts WHERE id = 1").await;
             note.starts_with("seen at")
         })
         .await;
     }
     let text = scrape(metrics).await;
-    assert_eq!(metric(&text, "pgrelay_unsafe_statements_total"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "pgrelay_unsafe_statements_total"),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,17 +302,32 @@ async fn statements_rolled_back_to_a_savepoint_are_not_replayed() {
     // The same through the extended protocol, one statement per round trip.
     let mut c2 = connect_proxy(addr, &db).await;
     let mut tx = c2.transaction().await.unwrap();
-    tx.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 3", &[])
+    tx.execute(
+        "UPDATE accounts SET balance = balance + 1 WHERE id = 3",
+        &[],
+    )
+    .await
+    .unwrap();
+    let sp = tx.savepoint("sp_inner").await.unwrap();
+    sp.execute("DELETE FROM accounts WHERE id = 3", &[])
         .await
         .unwrap();
-    let sp = tx.savepoint("sp_inner").await.unwrap();
-    sp.execute("DELETE FROM accounts WHERE id = 3", &[]).await.unwrap();
     sp.rollback().await.unwrap();
     tx.commit().await.unwrap();
     assert_converged(info, &info.followers, &db, CONVERGE).await;
-    let b: i64 = value_on(&info.followers[0], &db, "SELECT balance FROM accounts WHERE id = 1").await;
+    let b: i64 = value_on(
+        &info.followers[0],
+        &db,
+        "SELECT balance FROM accounts WHERE id = 1",
+    )
+    .await;
     assert_eq!(b, 1011);
-    let n: i64 = value_on(&info.followers[1], &db, "SELECT count(*) FROM accounts WHERE id IN (2, 3)").await;
+    let n: i64 = value_on(
+        &info.followers[1],
+        &db,
+        "SELECT count(*) FROM accounts WHERE id IN (2, 3)",
+    )
+    .await;
     assert_eq!(n, 2);
 }
 
@@ -306,7 +348,12 @@ async fn load(addr: SocketAddr, db: String, stop: tokio::sync::watch::Receiver<b
     let mut i: i32 = 0;
     while !*stop.borrow() {
         if client.is_none() {
-            match tokio_postgres::connect(&common::proxy_conn_string(addr, &db), tokio_postgres::NoTls).await {
+            match tokio_postgres::connect(
+                &common::proxy_conn_string(addr, &db),
+                tokio_postgres::NoTls,
+            )
+            .await
+            {
                 Ok((c, conn)) => {
                     tokio::spawn(async move {
                         let _ = conn.await;
@@ -341,7 +388,11 @@ async fn load(addr: SocketAddr, db: String, stop: tokio::sync::watch::Receiver<b
 async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
     let info = row_cluster();
     let db = leader_database(&info.leader, "skill").await;
-    connect_direct(&info.leader, &db).await.batch_execute(SCHEMA).await.unwrap();
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
     let dir = cluster::test_dir("stmtkill");
     std::fs::create_dir_all(&dir).unwrap();
     let config = statement_config(info, &db, "");
@@ -372,7 +423,10 @@ async fn pgrelay_killed_in_the_middle_of_a_load_loses_and_repeats_nothing() {
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     let added = (ledger_rows(&leader).await - ledger_before) as u64;
     let acked = committed_first + committed_second;
-    assert!(added == acked || added == acked + 1, "added {added}, acknowledged {acked}");
+    assert!(
+        added == acked || added == acked + 1,
+        "added {added}, acknowledged {acked}"
+    );
     // The restarted pgrelay resumed from the recorded positions: it copied nothing.
     let text = scrape(proxy.metrics).await;
     for f in &info.followers {
@@ -397,21 +451,34 @@ async fn a_follower_down_during_the_load_catches_up() {
         bin_dir: cluster.bin_dir().to_path_buf(),
     };
     let db = leader_database(&info.leader, "down").await;
-    connect_direct(&info.leader, &db).await.batch_execute(SCHEMA).await.unwrap();
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
     let (addr, _) = start_proxy_with_metrics(statement_config(&info, &db, "")).await;
     wait_bootstrapped(&info.followers, &db).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(load(addr, db.clone(), stop_rx));
     let leader = connect_direct(&info.leader, &db).await;
     let start = ledger_rows(&leader).await;
-    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > start + 100 }).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&leader).await > start + 100
+    })
+    .await;
     let down = info.followers[1].name.clone();
     cluster.stop_node(&down).unwrap();
     let at_stop = ledger_rows(&leader).await;
-    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > at_stop + 200 }).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&leader).await > at_stop + 200
+    })
+    .await;
     cluster.start_node(&down).unwrap();
     let at_start = ledger_rows(&leader).await;
-    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > at_start + 100 }).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&leader).await > at_start + 100
+    })
+    .await;
     stop_tx.send(true).unwrap();
     assert!(writer.await.unwrap() > 0);
     assert_converged(&info, &info.followers, &db, CONVERGE).await;
@@ -422,7 +489,11 @@ async fn a_follower_down_during_the_load_catches_up() {
 async fn a_follower_bootstrapped_while_writes_run_through_pgrelay_converges() {
     let info = row_cluster();
     let db = leader_database(&info.leader, "sunderload").await;
-    connect_direct(&info.leader, &db).await.batch_execute(SCHEMA).await.unwrap();
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
     // pgrelay starts with the load: the followers are copied while it runs.
     let (addr, _) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -430,7 +501,10 @@ async fn a_follower_bootstrapped_while_writes_run_through_pgrelay_converges() {
     wait_bootstrapped(&info.followers, &db).await;
     let leader = connect_direct(&info.leader, &db).await;
     let at_copy = ledger_rows(&leader).await;
-    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > at_copy + 200 }).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&leader).await > at_copy + 200
+    })
+    .await;
     stop_tx.send(true).unwrap();
     assert!(writer.await.unwrap() > 0);
     assert_converged(info, &info.followers, &db, CONVERGE).await;
@@ -454,20 +528,30 @@ async fn ddl_in_the_middle_of_the_stream_replays_in_order() {
     .unwrap();
     // Dropping the temporary table is the session's business too (a follower has none).
     c.batch_execute("UPDATE scratch SET x = 2; DROP TABLE scratch")
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     c.batch_execute("CREATE INDEX CONCURRENTLY later_v ON later (v)")
         .await
         .unwrap();
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     for f in &info.followers {
         common::wait_until(CONVERGE, || async {
-            let n: i64 = value_on(f, &db, "SELECT count(*) FROM pg_indexes WHERE indexname IN ('accounts_tier', 'later_v')").await;
+            let n: i64 = value_on(
+                f,
+                &db,
+                "SELECT count(*) FROM pg_indexes WHERE indexname IN ('accounts_tier', 'later_v')",
+            )
+            .await;
             n == 2
         })
         .await;
         // The session's temporary table stayed with the session.
-        let temp: i64 = value_on(f, &db, "SELECT count(*) FROM pg_class WHERE relname = 'scratch'").await;
+        let temp: i64 = value_on(
+            f,
+            &db,
+            "SELECT count(*) FROM pg_class WHERE relname = 'scratch'",
+        )
+        .await;
         assert_eq!(temp, 0);
     }
 }
@@ -510,11 +594,17 @@ async fn reads_after_writes_see_them_in_statement_mode() {
         .filter_map(|f| {
             metric(
                 &text,
-                &format!("pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}", f.name),
+                &format!(
+                    "pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}",
+                    f.name
+                ),
             )
         })
         .sum();
-    assert!(follower_reads >= 100.0, "most reads served by followers: {follower_reads}\n{text}");
+    assert!(
+        follower_reads >= 100.0,
+        "most reads served by followers: {follower_reads}\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,8 +614,15 @@ async fn pgbench_initialized_and_run_through_pgrelay_converges() {
     let (addr, _) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
     wait_bootstrapped(&info.followers, &db).await;
     // pgbench -i: DDL, then TRUNCATE and COPY in one transaction, then VACUUM.
-    let out = pg_command("pgbench", addr, &db).args(["-i", "-s", "1", "-q"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pg_command("pgbench", addr, &db)
+        .args(["-i", "-s", "1", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for mode in ["simple", "prepared"] {
         let out = pg_command("pgbench", addr, &db)
             .args(["-n", "-c", "4", "-j", "2", "-t", "150", "-M", mode])
@@ -550,15 +647,26 @@ async fn two_pgrelay_processes_writing_to_one_leader_converge() {
     let b = tokio::spawn(load(second, db.clone(), stop_rx));
     let leader = connect_direct(&info.leader, &db).await;
     let start = ledger_rows(&leader).await;
-    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > start + 400 }).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&leader).await > start + 400
+    })
+    .await;
     stop_tx.send(true).unwrap();
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert!(a > 0 && b > 0, "both wrote: {a} {b}");
     assert_converged(info, &info.followers, &db, CONVERGE).await;
     // One log for both (applied entries are deleted by then).
-    let entries: i64 =
-        value_on(&info.leader, &db, "SELECT last_value FROM pgrelay.statement_seq").await;
-    assert!(entries as u64 >= a + b, "{entries} entries for {} commits", a + b);
+    let entries: i64 = value_on(
+        &info.leader,
+        &db,
+        "SELECT last_value FROM pgrelay.statement_seq",
+    )
+    .await;
+    assert!(
+        entries as u64 >= a + b,
+        "{entries} entries for {} commits",
+        a + b
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,7 +674,9 @@ async fn without_serialized_writes_statements_that_read_other_rows_are_refused()
     let (info, db, addr, _) = setup("snoser", "[statement]\nserialize_writes = false\n").await;
     let c = connect_proxy(addr, &db).await;
     let err = c
-        .batch_execute("INSERT INTO ledger (account, amount) SELECT id, balance FROM accounts WHERE id < 3")
+        .batch_execute(
+            "INSERT INTO ledger (account, amount) SELECT id, balance FROM accounts WHERE id < 3",
+        )
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err), "0A000", "{err:?}");
@@ -576,7 +686,10 @@ async fn without_serialized_writes_statements_that_read_other_rows_are_refused()
     let b = tokio::spawn(load(addr, db.clone(), stop_rx));
     let leader = connect_direct(&info.leader, &db).await;
     let start = ledger_rows(&leader).await;
-    common::wait_until(Duration::from_secs(30), || async { ledger_rows(&leader).await > start + 300 }).await;
+    common::wait_until(Duration::from_secs(30), || async {
+        ledger_rows(&leader).await > start + 300
+    })
+    .await;
     stop_tx.send(true).unwrap();
     assert!(a.await.unwrap() > 0 && b.await.unwrap() > 0);
     assert_converged(info, &info.followers, &db, CONVERGE).await;

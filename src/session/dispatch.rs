@@ -15,8 +15,8 @@ use crate::config::{Ack, Consistency};
 use crate::replication::physical::LEADER_POSITION_SQL;
 
 use super::ddl::{self, ParsePlan};
-use super::statement;
 use super::overrides;
+use super::statement;
 use super::unit::{Statement, StatementClass, Unit};
 use super::{Flow, Group, Session, SessionEnd};
 
@@ -110,7 +110,9 @@ impl Session {
                     (None, None)
                 };
                 if let Some(rewritten) = &leader_parse {
-                    self.unit.rewrites.push((self.unit.frames.len(), rewritten.clone()));
+                    self.unit
+                        .rewrites
+                        .push((self.unit.frames.len(), rewritten.clone()));
                 }
                 let name = parse.name.to_owned();
                 self.unit.read_only &= class.read_only;
@@ -336,7 +338,12 @@ impl Session {
                     }
                 }
                 self.unit.log_ops.retain(|(f, _)| *f < kept);
-                if self.unit.log_query.as_ref().is_some_and(|(f, _)| *f >= kept) {
+                if self
+                    .unit
+                    .log_query
+                    .as_ref()
+                    .is_some_and(|(f, _)| *f >= kept)
+                {
                     self.unit.log_query = None;
                 }
                 if self.unit.frames.is_empty() {

@@ -190,8 +190,11 @@ impl Session {
                     }
                     // Statement mode: tables and their defaults may have changed.
                     Some(b'C' | b'A' | b'D')
-                        if self.config.replication.mode == crate::config::ReplicationMode::Statement
-                            && [&b"CREATE"[..], b"ALTER", b"DROP"].iter().any(|p| body.starts_with(p)) =>
+                        if self.config.replication.mode
+                            == crate::config::ReplicationMode::Statement
+                            && [&b"CREATE"[..], b"ALTER", b"DROP"]
+                                .iter()
+                                .any(|p| body.starts_with(p)) =>
                     {
                         self.shared.classifiers.invalidate(&self.database);
                     }
@@ -440,7 +443,10 @@ fn swallow_own(group: &mut Group, frame: &Frame) -> bool {
             _ => return false,
         }
     }
-    if group.own_completions.is_empty() && group.tail_at.is_none() && group.swallow_bind_completes == 0 {
+    if group.own_completions.is_empty()
+        && group.tail_at.is_none()
+        && group.swallow_bind_completes == 0
+    {
         return false;
     }
     if t == tag::BIND_COMPLETE && group.swallow_bind_completes > 0 {

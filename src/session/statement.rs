@@ -53,7 +53,9 @@ pub enum Plan {
         warning: Option<String>,
     },
     /// Cannot run in a transaction block: runs as sent, logged once it succeeded.
-    AfterSuccess { sql: String },
+    AfterSuccess {
+        sql: String,
+    },
     Savepoint(String),
     RollbackTo(String),
     Release(String),
@@ -267,8 +269,16 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
     }
     if matches!(
         first,
-        "create" | "alter" | "drop" | "comment" | "grant" | "revoke" | "security" | "reassign"
-            | "import" | "refresh"
+        "create"
+            | "alter"
+            | "drop"
+            | "comment"
+            | "grant"
+            | "revoke"
+            | "security"
+            | "reassign"
+            | "import"
+            | "refresh"
     ) {
         let temp = |relations: &[String]| {
             relations
@@ -358,9 +368,15 @@ pub fn insert_literal_sql(settings: &str, statements: &str, copies: &[Vec<u8>]) 
     };
     log::INSERT_SQL
         .replace("$1::jsonb", &format!("{}::jsonb", dollar_literal(settings)))
-        .replace("$2::jsonb", &format!("{}::jsonb", dollar_literal(statements)))
+        .replace(
+            "$2::jsonb",
+            &format!("{}::jsonb", dollar_literal(statements)),
+        )
         .replace("$3::bytea[]", &format!("{copies}::bytea[]"))
-        .replace("RETURNING seq", &format!("RETURNING seq AS \"{SEQ_ALIAS}\""))
+        .replace(
+            "RETURNING seq",
+            &format!("RETURNING seq AS \"{SEQ_ALIAS}\""),
+        )
 }
 
 /// Appends Close, Parse, Bind, Execute and Close (of the portal) of pgrelay's log insert
@@ -390,14 +406,23 @@ pub fn write_lock(out: &mut BytesMut) {
 }
 
 /// A logged statement from a Bind of a statement whose plan is [`Plan::Log`].
-pub fn extended_statement(sql: &str, types: &[u32], bind_body: &[u8], copy: bool) -> Option<LoggedStatement> {
+pub fn extended_statement(
+    sql: &str,
+    types: &[u32],
+    bind_body: &[u8],
+    copy: bool,
+) -> Option<LoggedStatement> {
     let params = fe::parse_bind_params(bind_body).ok()?;
     Some(LoggedStatement {
         sql: sql.to_owned(),
         extended: Some(Extended {
             types: types.to_vec(),
             formats: params.formats,
-            params: params.values.into_iter().map(|v| v.map(<[u8]>::to_vec)).collect(),
+            params: params
+                .values
+                .into_iter()
+                .map(|v| v.map(<[u8]>::to_vec))
+                .collect(),
         }),
         copy: copy.then_some(0),
     })
@@ -453,14 +478,22 @@ impl Session {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("search_path"))
             .map(|(_, v)| v.clone());
-        for c in self.state.settings().chain(self.tx_changes.iter().map(|c| c.text.as_str())) {
+        for c in self
+            .state
+            .settings()
+            .chain(self.tx_changes.iter().map(|c| c.text.as_str()))
+        {
             let lower = c.to_ascii_lowercase();
             if let Some(i) = lower.find("search_path") {
                 let rest = &c[i + "search_path".len()..];
                 let rest = rest.trim_start();
                 let rest = rest
                     .strip_prefix('=')
-                    .or_else(|| rest.get(..2).filter(|p| p.eq_ignore_ascii_case("to")).map(|_| &rest[2..]))
+                    .or_else(|| {
+                        rest.get(..2)
+                            .filter(|p| p.eq_ignore_ascii_case("to"))
+                            .map(|_| &rest[2..])
+                    })
                     .unwrap_or(rest);
                 path = Some(rest.trim().trim_end_matches(';').to_owned());
             }
@@ -476,7 +509,13 @@ impl Session {
                     s.to_ascii_lowercase()
                 }
             })
-            .map(|s| if s == "$user" { self.key.user.clone() } else { s })
+            .map(|s| {
+                if s == "$user" {
+                    self.key.user.clone()
+                } else {
+                    s
+                }
+            })
             .filter(|s| !s.is_empty())
             .collect()
     }
@@ -503,7 +542,10 @@ impl Session {
                 hint: "Check that replication.user can connect to the leader; pgrelay tries again with the next statement.".into(),
             });
         }
-        if let Plan::Log { warning: Some(_), .. } = &plan {
+        if let Plan::Log {
+            warning: Some(_), ..
+        } = &plan
+        {
             self.shared.metrics.unsafe_statements.increment(1);
         }
         plan
@@ -539,9 +581,8 @@ impl Session {
 /// `sql` without its `CONCURRENTLY` keyword.
 pub fn without_concurrently(sql: &str) -> String {
     use crate::routing::lexer::{Lexer, StringMode, TokenKind};
-    let found = Lexer::new(sql, StringMode::Standard).find(|t| {
-        t.kind == TokenKind::Ident && t.text(sql).eq_ignore_ascii_case("concurrently")
-    });
+    let found = Lexer::new(sql, StringMode::Standard)
+        .find(|t| t.kind == TokenKind::Ident && t.text(sql).eq_ignore_ascii_case("concurrently"));
     match found {
         Some(t) => format!(
             "{}{}",
@@ -576,7 +617,6 @@ pub fn is_own_row_description(body: &[u8]) -> Option<bool> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -585,13 +625,19 @@ mod tests {
     fn settings_become_local() {
         let local = |t: &str| local_setting(t).unwrap_or_default();
         assert_eq!(local("SET search_path = a"), "SET LOCAL search_path = a");
-        assert_eq!(local("set session TimeZone to 'UTC';"), "SET LOCAL TimeZone to 'UTC'");
+        assert_eq!(
+            local("set session TimeZone to 'UTC';"),
+            "SET LOCAL TimeZone to 'UTC'"
+        );
         assert_eq!(local("SET LOCAL x = 1"), "SET LOCAL x = 1");
         assert_eq!(
             local("SET SESSION AUTHORIZATION bob"),
             "SET LOCAL SESSION AUTHORIZATION bob"
         );
-        assert_eq!(local_setting("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"), None);
+        assert_eq!(
+            local_setting("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            None
+        );
     }
 
     #[test]
@@ -609,7 +655,12 @@ mod tests {
     #[test]
     fn savepoints_drop_what_came_after() {
         let mut tx = LoggedTx::default();
-        let s = |sql: &str| TxOp::Log(LoggedStatement { sql: sql.into(), ..Default::default() });
+        let s = |sql: &str| {
+            TxOp::Log(LoggedStatement {
+                sql: sql.into(),
+                ..Default::default()
+            })
+        };
         tx.apply(&s("a"));
         tx.apply(&TxOp::Savepoint("p".into()));
         tx.apply(&s("b"));
@@ -704,7 +755,9 @@ impl Session {
                     return self.refuse_query(frame, copy_outside_block());
                 }
                 Plan::Log { copy: true, .. } => copy_pending = true,
-                Plan::Log { warning: Some(w), .. } => self.unit.log_warnings.push(w.clone()),
+                Plan::Log {
+                    warning: Some(w), ..
+                } => self.unit.log_warnings.push(w.clone()),
                 Plan::Begin => in_block = true,
                 Plan::Commit if copy_pending => {
                     // The COPY's data arrives after the string is sent: too late to log it
@@ -720,7 +773,10 @@ impl Session {
             }
             statements.push((text.to_owned(), plan));
         }
-        if statements.iter().all(|(_, p)| matches!(p, Plan::Skip | Plan::AfterSuccess { .. })) {
+        if statements
+            .iter()
+            .all(|(_, p)| matches!(p, Plan::Skip | Plan::AfterSuccess { .. }))
+        {
             return;
         }
         self.unit.log_query = Some((frame, statements));
@@ -730,7 +786,11 @@ impl Session {
     pub(super) fn copy_outside_block(&self, op: &TxOp) -> bool {
         matches!(op, TxOp::Log(s) if s.copy.is_some())
             && !self.in_block
-            && !self.unit.log_ops.iter().any(|(_, o)| matches!(o, TxOp::Begin))
+            && !self
+                .unit
+                .log_ops
+                .iter()
+                .any(|(_, o)| matches!(o, TxOp::Begin))
     }
 
     /// The query at `frame` becomes a DO block that raises `refusal` on the leader.

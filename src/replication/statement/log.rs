@@ -191,7 +191,9 @@ fn hex(out: &mut String, bytes: &[u8]) {
     out.reserve(bytes.len() * 2);
     for b in bytes {
         for d in [b >> 4, b & 15] {
-            out.push(char::from(DIGITS.get(usize::from(d)).copied().unwrap_or(b'0')));
+            out.push(char::from(
+                DIGITS.get(usize::from(d)).copied().unwrap_or(b'0'),
+            ));
         }
     }
 }

@@ -300,7 +300,13 @@ fn queue_entry(
             fe::copy_done(out);
         } else if let Some(ext) = &statement.extended {
             fe::parse(out, "", &statement.sql, &ext.types);
-            fe::bind(out, "", "", &ext.formats, ext.params.iter().map(|p| p.as_deref()));
+            fe::bind(
+                out,
+                "",
+                "",
+                &ext.formats,
+                ext.params.iter().map(|p| p.as_deref()),
+            );
             fe::execute(out);
             fe::sync(out);
             steps.push((seq, step));
