@@ -18,6 +18,11 @@
 //! - Writes to the session's temporary tables, cluster-wide DDL and maintenance commands are
 //!   not logged. A statement that cannot run in a transaction block (`CONCURRENTLY`) runs as
 //!   sent and is logged in a transaction of its own once it succeeded.
+//!
+//! - [`plan`]: what a statement's text asks of statement mode (log it rewritten, skip it,
+//!   refuse it, track a savepoint).
+//! - [`send`]: the lock, the log insert, and the query string that carries them.
+//! - here: the session's logged transaction, its settings and temporary tables.
 
 mod plan;
 mod send;
