@@ -623,7 +623,7 @@ async fn pgbench_initialized_and_run_through_pgrelay_converges() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for mode in ["simple", "prepared"] {
+    for mode in ["simple", "extended", "prepared"] {
         let out = pg_command("pgbench", addr, &db)
             .args(["-n", "-c", "4", "-j", "2", "-t", "150", "-M", mode])
             .output()
@@ -722,4 +722,50 @@ async fn quorum_ack_returns_after_every_follower_applied_the_entry() {
             assert_eq!(n, 1, "commit {i} returned before a follower applied it");
         }
     }
+}
+
+/// What JDBC does: BEGIN travels in the same extended-protocol batch as the transaction's first
+/// statement, COMMIT in a batch of its own. The client sees Postgres's exact replies, and the
+/// transaction is logged once, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_sent_with_the_first_statement_is_logged_with_it() {
+    use pgrelay::protocol::frontend as fe;
+    let (info, db, addr, _) = setup("sbatch", "").await;
+    let mut raw = common::raw::Raw::login(addr, &db).await;
+    let mut out = bytes::BytesMut::new();
+    fe::parse(&mut out, "", "BEGIN", &[]);
+    fe::bind_text(&mut out, "", std::iter::empty());
+    fe::execute(&mut out);
+    fe::parse(
+        &mut out,
+        "",
+        "INSERT INTO accounts VALUES ($1, 7, 'batch')",
+        &[23],
+    );
+    fe::bind_text(&mut out, "", [Some(&b"7001"[..])].into_iter());
+    fe::execute(&mut out);
+    fe::sync(&mut out);
+    raw.send(&out).await;
+    let replies = raw.until(b'Z').await;
+    let tags: Vec<u8> = replies.iter().map(|f| f.tag()).collect();
+    assert_eq!(tags, b"12C12CZ", "{replies:?}");
+    assert_eq!(replies.last().unwrap().body().first(), Some(&b'T'));
+    out.clear();
+    fe::parse(&mut out, "", "COMMIT", &[]);
+    fe::bind_text(&mut out, "", std::iter::empty());
+    fe::execute(&mut out);
+    fe::sync(&mut out);
+    raw.send(&out).await;
+    let replies = raw.until(b'Z').await;
+    let tags: Vec<u8> = replies.iter().map(|f| f.tag()).collect();
+    assert_eq!(tags, b"12CZ", "{replies:?}");
+    assert_eq!(replies.last().unwrap().body().first(), Some(&b'I'));
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    let balance: i64 = value_on(
+        &info.followers[1],
+        &db,
+        "SELECT balance FROM accounts WHERE id = 7001",
+    )
+    .await;
+    assert_eq!(balance, 7);
 }
