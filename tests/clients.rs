@@ -520,3 +520,81 @@ async fn a_long_pipeline_without_sync_streams_instead_of_piling_up() {
     assert_eq!(completes, pairs, "every Execute got its CommandComplete");
     assert_eq!(rows, pairs);
 }
+
+/// The virtual database `pgrelay` is pgrelay's own console: ordinary result sets for psql and
+/// drivers, for admin users only.
+#[tokio::test]
+async fn the_admin_console_answers_show_commands_for_admins_only() {
+    let addr = default_proxy().await;
+    let c = connect_proxy(addr, "pgrelay").await;
+    let rows = |messages: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<Vec<String>> {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("").to_owned())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    };
+    // The followers show up once pgrelay has polled them.
+    wait_until(Duration::from_secs(10), || async {
+        rows(c.simple_query("SHOW NODES").await.unwrap())
+            .iter()
+            .all(|r| r[3] == "true")
+    })
+    .await;
+    let nodes = rows(c.simple_query("SHOW NODES").await.unwrap());
+    let info = cluster();
+    assert_eq!(nodes.len(), 1 + info.followers.len(), "{nodes:?}");
+    assert_eq!(nodes[0][0], info.leader.name);
+    assert_eq!(nodes[0][1], "leader");
+    assert_eq!(nodes[0][2], format!("127.0.0.1:{}", info.leader.port));
+    for (row, f) in nodes[1..].iter().zip(&info.followers) {
+        assert_eq!(row[0], f.name);
+        assert_eq!(row[1], "follower");
+        assert_eq!(row[3], "true", "{row:?}");
+        assert!(row[4].contains('/'), "an LSN: {row:?}");
+        assert_eq!(row[7], "streaming");
+    }
+    let mode = rows(c.simple_query("show mode;").await.unwrap());
+    assert!(
+        mode.contains(&vec!["mode".to_owned(), "physical".to_owned()]),
+        "{mode:?}"
+    );
+    let config = rows(c.simple_query("SHOW CONFIG").await.unwrap());
+    assert!(config
+        .iter()
+        .any(|r| r[0] == "users.password" && r[1] == "********"));
+    assert!(!config.iter().any(|r| r[1] == PASSWORD), "no secret shown");
+    let err = c.simple_query("SHOW EVERYTHING").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42601");
+    // The session goes on after an error.
+    assert_eq!(rows(c.simple_query("SHOW MODE").await.unwrap()), mode);
+    // psql reads it like any result.
+    let out = pg_command("psql", addr, "pgrelay")
+        .args(["-X", "-A", "-t", "-c", "SHOW NODES"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("|leader|"),
+        "{stdout}"
+    );
+    // A user without admin = true is refused at login.
+    let err = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user={MD5_USER} password=md5-pw dbname=pgrelay",
+            addr.ip(),
+            addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(sqlstate(&err), "42501", "{err:?}");
+}

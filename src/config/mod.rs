@@ -156,6 +156,8 @@ pub struct UserConfig {
     pub name: String,
     pub password: Secret,
     pub auth: AuthMethod,
+    /// May use the admin console (the virtual database `pgrelay`).
+    pub admin: bool,
     /// Salted SCRAM keys, computed once at load so a login does not pay PBKDF2.
     pub scram: ScramSecret,
 }
@@ -338,6 +340,7 @@ impl Config {
                     password: Some("********".into()),
                     password_env: None,
                     auth: Some(u.auth.name().into()),
+                    admin: Some(u.admin),
                 })
                 .collect(),
             statement: RawStatement {
@@ -515,6 +518,7 @@ impl TryFrom<RawConfig> for Config {
                 scram: ScramSecret::from_password(&password, SCRAM_ITERATIONS),
                 password: Secret::new(password),
                 auth,
+                admin: u.admin.unwrap_or(false),
             });
         }
         if users.is_empty() {

@@ -50,6 +50,7 @@ pub struct RawUser {
     pub password: Option<String>,
     pub password_env: Option<String>,
     pub auth: Option<String>,
+    pub admin: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -258,6 +258,10 @@ pub fn ready_for_query(out: &mut BytesMut, status: TxStatus) {
     write_message(out, tag::READY_FOR_QUERY, |b| b.put_u8(status.byte()));
 }
 
+pub fn empty_query_response(out: &mut BytesMut) {
+    write_message(out, tag::EMPTY_QUERY_RESPONSE, |_| {});
+}
+
 pub fn command_complete(out: &mut BytesMut, command_tag: &str) {
     write_message(out, tag::COMMAND_COMPLETE, |b| {
         put_cstr(b, command_tag.as_bytes())

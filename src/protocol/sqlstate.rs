@@ -30,3 +30,5 @@ pub const WARNING: SqlState = SqlState("01000");
 pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
 pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
 pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
+pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");

@@ -5,6 +5,7 @@
 //! node (preparing a statement there, replaying `SET`s) travels in groups whose replies are
 //! swallowed, so the client sees exactly the replies to what it sent.
 
+mod admin;
 mod client;
 mod ddl;
 mod dispatch;
@@ -64,6 +65,26 @@ pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
             return;
         }
     };
+    if login.database == admin::CONSOLE_DATABASE {
+        let allowed = shared.config.user(&login.user).is_some_and(|u| u.admin);
+        if !allowed {
+            let err = startup::LoginError {
+                code: sqlstate::INSUFFICIENT_PRIVILEGE,
+                message: format!(
+                    "user \"{}\" may not use the pgrelay console (set admin = true in its [[users]] entry)",
+                    login.user
+                ),
+            };
+            startup::write_fatal(&mut client.wbuf, &err);
+            client.shutdown().await;
+            return;
+        }
+        let (pid, secret, _) = shared.cancels.register();
+        admin::serve(&mut client, &shared, pid, secret).await;
+        shared.cancels.unregister(pid);
+        client.shutdown().await;
+        return;
+    }
     let (pid, secret, cancel_slot) = shared.cancels.register();
     // The session span (opened at accept with the peer) gets the rest of its fields now.
     let span =

@@ -138,7 +138,7 @@ pub fn proxy_config(leader: &NodeInfo, followers: &[NodeInfo], extra: &str) -> S
         ));
     }
     text.push_str(&format!(
-        "\n[[users]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n\
+        "\n[[users]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\nadmin = true\n\
          \n[[users]]\nname = \"{MD5_USER}\"\npassword = \"md5-pw\"\nauth = \"md5\"\n\
          \n[[users]]\nname = \"{TRUST_USER}\"\npassword = \"trust-pw\"\nauth = \"trust\"\n"
     ));
