@@ -32,10 +32,21 @@ pub struct Shared {
     pub classifiers: ClassifierCache,
     /// Statement mode: databases whose statement log this process has set up on the leader.
     pub statement_logs: Mutex<std::collections::HashSet<String>>,
+    /// Logged-in client sessions by pgrelay pid, for the admin console's `SHOW CLIENTS`.
+    pub clients: Mutex<HashMap<i32, ClientInfo>>,
     pub shutdown: CancellationToken,
     pub client_connections: AtomicUsize,
     pub positions: Arc<Positions>,
     pub metrics: Arc<Metrics>,
+}
+
+/// A logged-in client, as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub peer: SocketAddr,
+    pub connected: std::time::Instant,
 }
 
 /// Where a session's running statement is, so a CancelRequest can be passed on.
@@ -155,6 +166,7 @@ impl Server {
             cancels: CancelRegistry::default(),
             classifiers: ClassifierCache::default(),
             statement_logs: Mutex::new(std::collections::HashSet::new()),
+            clients: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             client_connections: AtomicUsize::new(0),
         });

@@ -570,6 +570,23 @@ async fn the_admin_console_answers_show_commands_for_admins_only() {
         .iter()
         .any(|r| r[0] == "users.password" && r[1] == "********"));
     assert!(!config.iter().any(|r| r[1] == PASSWORD), "no secret shown");
+    // Another client, in a database of its own, is listed with the console session.
+    let db = new_database("console").await;
+    let _other = connect_proxy(addr, &db).await;
+    let clients = rows(c.simple_query("SHOW CLIENTS").await.unwrap());
+    assert!(
+        clients.iter().any(|r| r[1] == SUPERUSER && r[2] == db),
+        "{clients:?}"
+    );
+    assert!(clients.iter().any(|r| r[2] == "pgrelay"), "{clients:?}");
+    let stats = rows(c.simple_query("SHOW STATS").await.unwrap());
+    let connections = stats
+        .iter()
+        .find(|r| r[0] == "pgrelay_client_connections")
+        .map(|r| r[1].parse::<f64>().unwrap());
+    assert!(connections.is_some_and(|n| n >= 2.0), "{stats:?}");
+    let err = c.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000");
     let err = c.simple_query("SHOW EVERYTHING").await.unwrap_err();
     assert_eq!(sqlstate(&err), "42601");
     // The session goes on after an error.

@@ -6,6 +6,8 @@
 //!   lag.
 //! - `SHOW MODE`: the replication mode and the policies that go with it.
 //! - `SHOW CONFIG`: the effective config, every default filled in and secrets masked.
+//! - `SHOW CLIENTS`: the logged-in client sessions.
+//! - `SHOW STATS`: every sample of pgrelay's metrics, as `/metrics` would serve it.
 
 use std::sync::Arc;
 
@@ -93,7 +95,9 @@ fn answer(out: &mut BytesMut, shared: &Shared, sql: &str) {
         ["SHOW", "NODES"] => result(out, &NODE_COLUMNS, &nodes(shared), "SHOW"),
         ["SHOW", "MODE"] => result(out, &["key", "value"], &mode(&shared.config), "SHOW"),
         ["SHOW", "CONFIG"] => result(out, &["key", "value"], &config(&shared.config), "SHOW"),
-        ["SHOW", "CLIENTS" | "STATS"] | ["RELOAD"] | ["PAUSE"] | ["RESUME"] => {
+        ["SHOW", "CLIENTS"] => result(out, &CLIENT_COLUMNS, &clients(shared), "SHOW"),
+        ["SHOW", "STATS"] => result(out, &["metric", "value"], &stats(shared), "SHOW"),
+        ["RELOAD"] | ["PAUSE"] | ["RESUME"] => {
             Report::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 &format!(
@@ -108,7 +112,9 @@ fn answer(out: &mut BytesMut, shared: &Shared, sql: &str) {
                 sqlstate::SYNTAX_ERROR,
                 &format!("unknown pgrelay console command: {}", sql.trim()),
             )
-            .with_hint("The console knows SHOW NODES, SHOW MODE and SHOW CONFIG.")
+            .with_hint(
+                "The console knows SHOW NODES, SHOW MODE, SHOW CONFIG, SHOW CLIENTS and SHOW STATS.",
+            )
             .write_error(out);
         }
     }
@@ -210,6 +216,40 @@ fn config(config: &Config) -> Vec<Vec<Option<String>>> {
         }
     }
     rows
+}
+
+const CLIENT_COLUMNS: [&str; 5] = ["pid", "user", "database", "peer", "connected_seconds"];
+
+/// One row per logged-in client (this console session included), oldest first.
+fn clients(shared: &Shared) -> Vec<Vec<Option<String>>> {
+    let mut list: Vec<(i32, crate::server::ClientInfo)> = match shared.clients.lock() {
+        Ok(c) => c.iter().map(|(pid, info)| (*pid, info.clone())).collect(),
+        Err(_) => Vec::new(),
+    };
+    list.sort_by_key(|(pid, info)| (info.connected, *pid));
+    list.into_iter()
+        .map(|(pid, info)| {
+            vec![
+                Some(pid.to_string()),
+                Some(info.user),
+                Some(info.database),
+                Some(info.peer.to_string()),
+                Some(format!("{:.3}", info.connected.elapsed().as_secs_f64())),
+            ]
+        })
+        .collect()
+}
+
+/// Every sample line of the metrics exposition: series (name and labels) and value.
+fn stats(shared: &Shared) -> Vec<Vec<Option<String>>> {
+    shared
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(series, value)| vec![Some(series.to_owned()), Some(value.to_owned())])
+        .collect()
 }
 
 /// Writes a result set of text columns.

@@ -80,12 +80,15 @@ pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
             return;
         }
         let (pid, secret, _) = shared.cancels.register();
+        note_client(&shared, pid, &login, peer);
         admin::serve(&mut client, &shared, pid, secret).await;
+        forget_client(&shared, pid);
         shared.cancels.unregister(pid);
         client.shutdown().await;
         return;
     }
     let (pid, secret, cancel_slot) = shared.cancels.register();
+    note_client(&shared, pid, &login, peer);
     // The session span (opened at accept with the peer) gets the rest of its fields now.
     let span =
         tracing::info_span!("client", session_id = pid, user = %login.user, db = %login.database);
@@ -103,11 +106,33 @@ pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
             }
             Err(err) => debug!(error = %err, "session could not start"),
         }
+        forget_client(&shared, pid);
         shared.cancels.unregister(pid);
         session.close().await;
     }
     .instrument(span)
     .await;
+}
+
+/// Records a logged-in client for the admin console.
+fn note_client(shared: &Shared, pid: i32, login: &Login, peer: SocketAddr) {
+    if let Ok(mut clients) = shared.clients.lock() {
+        clients.insert(
+            pid,
+            crate::server::ClientInfo {
+                user: login.user.clone(),
+                database: login.database.clone(),
+                peer,
+                connected: std::time::Instant::now(),
+            },
+        );
+    }
+}
+
+fn forget_client(shared: &Shared, pid: i32) {
+    if let Ok(mut clients) = shared.clients.lock() {
+        clients.remove(&pid);
+    }
 }
 
 /// Why a session ended.
