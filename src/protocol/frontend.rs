@@ -267,22 +267,7 @@ pub fn bind_text<'a>(
     statement: &str,
     params: impl ExactSizeIterator<Item = Option<&'a [u8]>>,
 ) {
-    write_message(out, tag::BIND, |b| {
-        put_cstr(b, b"");
-        put_cstr(b, statement.as_bytes());
-        b.put_i16(0);
-        b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
-        for p in params {
-            match p {
-                Some(v) => {
-                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
-                    b.put_slice(v);
-                }
-                None => b.put_i32(-1),
-            }
-        }
-        b.put_i16(0);
-    });
+    bind(out, "", statement, &[], params);
 }
 
 /// Bind of `statement` to `portal` with the given parameter formats (as in Bind: none means
