@@ -13,8 +13,8 @@ mod common;
 use std::time::Duration;
 
 use common::row::{
-    assert_converged, leader_database, row_cluster, row_config, start_row_cluster, value_on,
-    wait_bootstrapped, ProxyProcess,
+    assert_converged, leader_database, ledger_rows, load, row_cluster, row_config,
+    start_row_cluster, value_on, wait_bootstrapped, ProxyProcess,
 };
 use common::{
     connect_direct, connect_proxy, metric, pg_command, scrape, sqlstate, start_proxy_with_metrics,
@@ -343,62 +343,6 @@ async fn quorum_ack_returns_after_every_follower_applied() {
             assert_eq!(n, 1, "commit {i} returned before a follower applied it");
         }
     }
-}
-
-/// Rows in the ledger table, as `client`'s node has them.
-async fn ledger_rows(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one("SELECT count(*) FROM ledger", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// Writes through pgrelay until told to stop: each transaction moves money and appends to the
-/// ledger (no key, so a duplicated insert would show). Returns how many commits succeeded.
-async fn load(
-    addr: std::net::SocketAddr,
-    db: String,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> u64 {
-    let mut committed = 0;
-    let mut client = None;
-    let mut i: i32 = 0;
-    while !*stop.borrow() {
-        if client.is_none() {
-            match tokio_postgres::connect(
-                &common::proxy_conn_string(addr, &db),
-                tokio_postgres::NoTls,
-            )
-            .await
-            {
-                Ok((c, conn)) => {
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    client = Some(c);
-                }
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(c) = client.as_ref() else { continue };
-        i += 1;
-        let id = i % 1800 + 1;
-        let result = c
-            .batch_execute(&format!(
-                "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = {id}; \
-                 INSERT INTO ledger (account, amount) VALUES ({id}, {i}); COMMIT;"
-            ))
-            .await;
-        match result {
-            Ok(()) => committed += 1,
-            Err(_) => client = None,
-        }
-    }
-    committed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,55 +16,21 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::row::{
-    assert_converged, leader_database, row_cluster, start_row_cluster, value_on, ProxyProcess,
+    assert_converged, leader_database, ledger_rows, load, row_cluster, start_row_cluster,
+    statement_applied, statement_config, value_on, ProxyProcess,
 };
-use common::SUPERUSER;
 use common::{
-    connect_direct, connect_proxy, metric, pg_command, proxy_config, scrape, sqlstate,
-    start_proxy_with_metrics, ClusterInfo,
+    connect_direct, connect_proxy, metric, pg_command, scrape, sqlstate, start_proxy_with_metrics,
+    ClusterInfo,
 };
 use pgrelay::cluster::{self, NodeInfo};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-/// A statement-mode config that replicates `db` only; `extra` adds sections (a leading
-/// `[replication]` adds keys to ours).
-fn statement_config(info: &ClusterInfo, db: &str, extra: &str) -> String {
-    let mut sections = format!(
-        "\n[replication]\nmode = \"statement\"\nuser = \"{SUPERUSER}\"\ndatabases = [\"{db}\"]\n"
-    );
-    match extra.strip_prefix("[replication]\n") {
-        Some(rest) => sections.push_str(rest),
-        None => sections.push_str(extra),
-    }
-    proxy_config(&info.leader, &info.followers, &sections)
-}
-
-/// The seq `follower` recorded for `db`, once its bootstrap finished.
-async fn applied_seq(follower: &NodeInfo, db: &str) -> Option<i64> {
-    let (client, conn) = tokio_postgres::connect(
-        &common::direct_conn_string(follower, db),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .ok()?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-        .query_opt(
-            "SELECT seq FROM pgrelay.applied WHERE source = 'statement' AND seq IS NOT NULL",
-            &[],
-        )
-        .await
-        .ok()??
-        .get(0)
-}
-
 async fn wait_bootstrapped(followers: &[NodeInfo], db: &str) {
     for f in followers {
         common::wait_until(Duration::from_secs(60), || async {
-            applied_seq(f, db).await.is_some()
+            statement_applied(f, db).await.is_some()
         })
         .await;
     }
@@ -329,59 +295,6 @@ async fn statements_rolled_back_to_a_savepoint_are_not_replayed() {
     )
     .await;
     assert_eq!(n, 2);
-}
-
-/// Rows in the ledger table, as `client`'s node has them.
-async fn ledger_rows(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one("SELECT count(*) FROM ledger", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// Writes through pgrelay until told to stop: each transaction moves money and appends to the
-/// keyless ledger (a duplicated replay would show). Returns how many commits succeeded.
-async fn load(addr: SocketAddr, db: String, stop: tokio::sync::watch::Receiver<bool>) -> u64 {
-    let mut committed = 0;
-    let mut client = None;
-    let mut i: i32 = 0;
-    while !*stop.borrow() {
-        if client.is_none() {
-            match tokio_postgres::connect(
-                &common::proxy_conn_string(addr, &db),
-                tokio_postgres::NoTls,
-            )
-            .await
-            {
-                Ok((c, conn)) => {
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    client = Some(c);
-                }
-                Err(_) => {
-                    // pgrelay is restarting; try again shortly.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(c) = client.as_ref() else { continue };
-        i += 1;
-        let id = i % 1800 + 1;
-        let result = c
-            .batch_execute(&format!(
-                "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = {id}; \
-                 INSERT INTO ledger (account, amount) VALUES ({id}, {i}); COMMIT;"
-            ))
-            .await;
-        match result {
-            Ok(()) => committed += 1,
-            Err(_) => client = None,
-        }
-    }
-    committed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

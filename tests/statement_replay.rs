@@ -15,8 +15,8 @@ mod common;
 use std::time::Duration;
 
 use common::row::{
-    assert_converged, leader_database, row_cluster, row_config, start_row_cluster, value_on,
-    ProxyProcess,
+    assert_converged, leader_database, row_cluster, start_row_cluster, statement_applied,
+    statement_config, value_on, ProxyProcess,
 };
 use common::{connect_direct, metric, scrape, start_proxy_with_metrics, ClusterInfo};
 use pgrelay::cluster::{self, NodeInfo};
@@ -26,11 +26,6 @@ use pgrelay::replication::statement::log::{
 };
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-/// A statement-mode config that replicates `db` only.
-fn statement_config(info: &ClusterInfo, db: &str, extra: &str) -> String {
-    row_config(info, db, extra).replace("mode = \"row\"", "mode = \"statement\"")
-}
 
 /// A fresh leader database with the statement log and `schema`.
 async fn setup(info: &ClusterInfo, prefix: &str, schema: &str) -> String {
@@ -91,31 +86,10 @@ async fn log_sql(client: &mut tokio_postgres::Client, sql: &str) -> i64 {
     log_tx(client, sql, &[], &[simple(sql)], &[]).await
 }
 
-/// The seq `follower` recorded for `db`, once it is bootstrapped.
-async fn recorded_seq(follower: &NodeInfo, db: &str) -> Option<i64> {
-    let (client, conn) = tokio_postgres::connect(
-        &common::direct_conn_string(follower, db),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .ok()?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-        .query_opt(
-            "SELECT seq FROM pgrelay.applied WHERE source = 'statement' AND seq IS NOT NULL",
-            &[],
-        )
-        .await
-        .ok()??
-        .get(0)
-}
-
 async fn wait_applied(followers: &[NodeInfo], db: &str, seq: i64) {
     for f in followers {
         common::wait_until(CONVERGE, || async {
-            recorded_seq(f, db).await.is_some_and(|s| s >= seq)
+            statement_applied(f, db).await.is_some_and(|s| s >= seq)
         })
         .await;
     }
@@ -236,8 +210,8 @@ async fn generated_values_replay_as_the_leader_recorded_them() {
     .await;
     let (_addr, _metrics) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
     common::wait_until(CONVERGE, || async {
-        recorded_seq(&info.followers[0], &db).await.is_some()
-            && recorded_seq(&info.followers[1], &db).await.is_some()
+        statement_applied(&info.followers[0], &db).await.is_some()
+            && statement_applied(&info.followers[1], &db).await.is_some()
     })
     .await;
     let mut client = connect_direct(&info.leader, &db).await;
@@ -277,8 +251,8 @@ async fn a_statement_that_fails_on_a_follower_stops_only_that_follower() {
     let db = setup(info, "sdiv", SCHEMA).await;
     let (_addr, metrics) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
     common::wait_until(CONVERGE, || async {
-        recorded_seq(&info.followers[0], &db).await.is_some()
-            && recorded_seq(&info.followers[1], &db).await.is_some()
+        statement_applied(&info.followers[0], &db).await.is_some()
+            && statement_applied(&info.followers[1], &db).await.is_some()
     })
     .await;
     let broken = &info.followers[0];
@@ -304,7 +278,7 @@ async fn a_statement_that_fails_on_a_follower_stops_only_that_follower() {
             .is_some()
     })
     .await;
-    assert_eq!(recorded_seq(broken, &db).await, Some(failing - 1));
+    assert_eq!(statement_applied(broken, &db).await, Some(failing - 1));
     wait_applied(std::slice::from_ref(healthy), &db, after).await;
     assert_converged(info, std::slice::from_ref(healthy), &db, CONVERGE).await;
     let text = scrape(metrics).await;
@@ -457,8 +431,8 @@ async fn entries_logged_while_the_bootstrap_runs_are_applied_once() {
     };
     let (_addr, _metrics) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
     common::wait_until(CONVERGE, || async {
-        recorded_seq(&info.followers[0], &db).await.is_some()
-            && recorded_seq(&info.followers[1], &db).await.is_some()
+        statement_applied(&info.followers[0], &db).await.is_some()
+            && statement_applied(&info.followers[1], &db).await.is_some()
     })
     .await;
     stop_tx.send(true).unwrap();
@@ -477,8 +451,8 @@ async fn lag_grows_while_an_entry_waits_and_a_malformed_entry_stops_replay_until
     let db = setup(info, "slag", "CREATE TABLE t (id int PRIMARY KEY);").await;
     let (_addr, metrics) = start_proxy_with_metrics(statement_config(info, &db, "")).await;
     common::wait_until(CONVERGE, || async {
-        recorded_seq(&info.followers[0], &db).await.is_some()
-            && recorded_seq(&info.followers[1], &db).await.is_some()
+        statement_applied(&info.followers[0], &db).await.is_some()
+            && statement_applied(&info.followers[1], &db).await.is_some()
     })
     .await;
     let mut client = connect_direct(&info.leader, &db).await;
@@ -536,7 +510,12 @@ async fn lag_grows_while_an_entry_waits_and_a_malformed_entry_stops_replay_until
     })
     .await;
     for f in &info.followers {
-        assert_eq!(recorded_seq(f, &db).await, Some(before), "on {}", f.name);
+        assert_eq!(
+            statement_applied(f, &db).await,
+            Some(before),
+            "on {}",
+            f.name
+        );
     }
     client
         .execute("DELETE FROM pgrelay.statement_log WHERE seq = $1", &[&bad])

@@ -312,3 +312,85 @@ where
 {
     block_on_fresh(f)
 }
+
+/// A statement-mode config that replicates `db` only (as [`row_config`]).
+pub fn statement_config(info: &ClusterInfo, db: &str, extra: &str) -> String {
+    row_config(info, db, extra).replace("mode = \"row\"", "mode = \"statement\"")
+}
+
+/// The seq a statement-mode follower recorded for `db`, once its bootstrap finished.
+pub async fn statement_applied(follower: &NodeInfo, db: &str) -> Option<i64> {
+    let (client, conn) = tokio_postgres::connect(
+        &super::direct_conn_string(follower, db),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+        .query_opt(
+            "SELECT seq FROM pgrelay.applied WHERE source = 'statement' AND seq IS NOT NULL",
+            &[],
+        )
+        .await
+        .ok()??
+        .get(0)
+}
+
+/// Rows in the ledger table, as `client`'s node has them.
+pub async fn ledger_rows(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Writes through pgrelay until told to stop: each transaction moves money and appends to the
+/// ledger (no key, so a duplicated insert would show). Returns how many commits succeeded.
+pub async fn load(
+    addr: std::net::SocketAddr,
+    db: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let mut committed = 0;
+    let mut client = None;
+    let mut i: i32 = 0;
+    while !*stop.borrow() {
+        if client.is_none() {
+            match tokio_postgres::connect(
+                &super::proxy_conn_string(addr, &db),
+                tokio_postgres::NoTls,
+            )
+            .await
+            {
+                Ok((c, conn)) => {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    client = Some(c);
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        i += 1;
+        let id = i % 1800 + 1;
+        let result = c
+            .batch_execute(&format!(
+                "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = {id}; \
+                 INSERT INTO ledger (account, amount) VALUES ({id}, {i}); COMMIT;"
+            ))
+            .await;
+        match result {
+            Ok(()) => committed += 1,
+            Err(_) => client = None,
+        }
+    }
+    committed
+}
