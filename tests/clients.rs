@@ -147,6 +147,9 @@ async fn prepared_statements_survive_reads_on_any_node() {
         .batch_execute("CREATE TABLE t (id int)")
         .await
         .unwrap();
+    // Eventual reads may go to a follower at once: let the table reach them first.
+    let c = cluster();
+    wait_replicated(&c.leader, &c.followers).await;
     // Prepared on one node, executed on all of them, closed, prepared again under a new body.
     for round in 0..3 {
         let read = client
