@@ -35,6 +35,16 @@ pub const APPLY_ERRORS_TOTAL: &str = "pgrelay_apply_errors_total";
 pub const SLOT_RETAINED_BYTES: &str = "pgrelay_slot_retained_bytes";
 pub const BOOTSTRAP_ROWS_TOTAL: &str = "pgrelay_bootstrap_rows_total";
 pub const STATEMENT_LOG_BACKLOG: &str = "pgrelay_statement_log_backlog";
+pub const QUERY_DURATION_SECONDS: &str = "pgrelay_query_duration_seconds";
+pub const BACKEND_CONNECTIONS: &str = "pgrelay_backend_connections";
+pub const PARSE_FAILURES_TOTAL: &str = "pgrelay_parse_failures_total";
+pub const BOOTSTRAP_TABLES: &str = "pgrelay_bootstrap_tables";
+pub const BOOTSTRAP_TABLES_COPIED: &str = "pgrelay_bootstrap_tables_copied";
+pub const REPLICATION_MODE: &str = "pgrelay_replication_mode";
+pub const MODE_SWITCH_PAUSE_SECONDS: &str = "pgrelay_mode_switch_pause_seconds";
+pub const MODE_SWITCHES_TOTAL: &str = "pgrelay_mode_switches_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "pgrelay_config_reloads_total";
+pub const PAUSED: &str = "pgrelay_paused";
 
 /// Why a read went where it went (the `reason` label of `pgrelay_reads_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +105,10 @@ pub struct FollowerMetrics {
     /// Statement mode: log entries (leader transactions) this follower has yet to apply,
     /// summed over its databases.
     pub statement_log_backlog: Gauge,
+    /// Tables the running bootstrap of this follower copies (0 when none runs).
+    pub bootstrap_tables: Gauge,
+    /// Tables the running bootstrap has copied so far.
+    pub bootstrap_tables_copied: Gauge,
 }
 
 /// Every metric pgrelay exports, registered once.
@@ -113,6 +127,23 @@ pub struct Metrics {
     /// Statement mode: unsafe statements run anyway (`unsafe = "allow"`).
     pub unsafe_statements: Counter,
     pub client_connections: Gauge,
+    /// Node index -> open connections to that node (sessions' and pooled).
+    backend_connections: Vec<Gauge>,
+    /// Time from a unit's first message sent to a node to its last reply, by route.
+    query_duration_leader: Histogram,
+    query_duration_follower: Histogram,
+    /// Statements the classifier could not parse (they go to the leader).
+    pub parse_failures: Counter,
+    /// Mode name -> 1 for the replication mode in force, 0 for the others.
+    replication_mode: Vec<(&'static str, Gauge)>,
+    /// How long writes waited while the replication mode switched.
+    pub mode_switch_pause: Histogram,
+    /// Mode switches by result (`done`, `refused`, `failed`).
+    mode_switches: Vec<(&'static str, Counter)>,
+    /// Config reloads by result (`ok`, `error`).
+    config_reloads: Vec<(&'static str, Counter)>,
+    /// 1 while the admin console's PAUSE holds new transactions.
+    pub paused: Gauge,
 }
 
 const WAIT_BUCKETS: [f64; 12] = [
@@ -134,6 +165,18 @@ impl Metrics {
         };
         let histogram =
             |name: &'static str| recorder.register_histogram(&Key::from_name(name), &meta);
+        let route = |route: &'static str| {
+            recorder.register_histogram(
+                &Key::from_parts(QUERY_DURATION_SECONDS, vec![Label::new("route", route)]),
+                &meta,
+            )
+        };
+        let by = |name: &'static str, label: &'static str, values: &[&'static str]| {
+            values
+                .iter()
+                .map(|v| (*v, counter(name, vec![Label::new(label, *v)])))
+                .collect::<Vec<_>>()
+        };
         let followers = config
             .nodes
             .iter()
@@ -160,6 +203,8 @@ impl Metrics {
                         slot_retained_bytes: gauge(SLOT_RETAINED_BYTES, l()),
                         bootstrap_rows: counter(BOOTSTRAP_ROWS_TOTAL, l()),
                         statement_log_backlog: gauge(STATEMENT_LOG_BACKLOG, l()),
+                        bootstrap_tables: gauge(BOOTSTRAP_TABLES, l()),
+                        bootstrap_tables_copied: gauge(BOOTSTRAP_TABLES_COPIED, l()),
                     }
                 })
             })
@@ -193,6 +238,22 @@ impl Metrics {
             ack_timeouts: counter(ACK_TIMEOUTS_TOTAL, vec![]),
             unsafe_statements: counter(UNSAFE_STATEMENTS_TOTAL, vec![]),
             client_connections: gauge(CLIENT_CONNECTIONS, vec![]),
+            backend_connections: config
+                .nodes
+                .iter()
+                .map(|n| gauge(BACKEND_CONNECTIONS, vec![Label::new("node", n.name.clone())]))
+                .collect(),
+            query_duration_leader: route("leader"),
+            query_duration_follower: route("follower"),
+            parse_failures: counter(PARSE_FAILURES_TOTAL, vec![]),
+            replication_mode: ["physical", "row", "statement"]
+                .iter()
+                .map(|m| (*m, gauge(REPLICATION_MODE, vec![Label::new("mode", *m)])))
+                .collect(),
+            mode_switch_pause: histogram(MODE_SWITCH_PAUSE_SECONDS),
+            mode_switches: by(MODE_SWITCHES_TOTAL, "result", &["done", "refused", "failed"]),
+            config_reloads: by(CONFIG_RELOADS_TOTAL, "result", &["ok", "error"]),
+            paused: gauge(PAUSED, vec![]),
             handle: recorder.handle(),
         };
         // Counters and histograms appear in the output from the start, not at first use.
@@ -200,7 +261,47 @@ impl Metrics {
         metrics.ryw_fallbacks.increment(0);
         metrics.ack_timeouts.increment(0);
         metrics.unsafe_statements.increment(0);
+        metrics.parse_failures.increment(0);
+        for (_, c) in metrics.mode_switches.iter().chain(&metrics.config_reloads) {
+            c.increment(0);
+        }
+        metrics.set_mode(config.replication.mode.name());
+        metrics.paused.set(0.0);
         metrics
+    }
+
+    /// The gauge of open connections to `node`.
+    pub fn backend_connections(&self, node: usize) -> Option<&Gauge> {
+        self.backend_connections.get(node)
+    }
+
+    /// Records how long a unit took on the leader (`leader`) or a follower.
+    pub fn query_duration(&self, leader: bool, seconds: f64) {
+        match leader {
+            true => self.query_duration_leader.record(seconds),
+            false => self.query_duration_follower.record(seconds),
+        }
+    }
+
+    /// Marks `mode` as the replication mode in force.
+    pub fn set_mode(&self, mode: &str) {
+        for (m, g) in &self.replication_mode {
+            g.set(if *m == mode { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Counts a mode switch that ended with `result` (`done`, `refused`, `failed`).
+    pub fn mode_switch(&self, result: &str) {
+        if let Some((_, c)) = self.mode_switches.iter().find(|(r, _)| *r == result) {
+            c.increment(1);
+        }
+    }
+
+    /// Counts a config reload that ended with `result` (`ok`, `error`).
+    pub fn config_reload(&self, result: &str) {
+        if let Some((_, c)) = self.config_reloads.iter().find(|(r, _)| *r == result) {
+            c.increment(1);
+        }
     }
 
     pub fn follower(&self, node: usize) -> Option<&FollowerMetrics> {

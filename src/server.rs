@@ -25,7 +25,8 @@ use crate::session;
 
 /// Everything sessions share. Passed in, never global.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The config in force; replaced as a whole by a reload ([`Shared::config`] reads it).
+    config: std::sync::RwLock<Arc<Config>>,
     pub nodes: NodeRegistry,
     pub pool: Pool,
     pub cancels: CancelRegistry,
@@ -38,6 +39,24 @@ pub struct Shared {
     pub client_connections: AtomicUsize,
     pub positions: Arc<Positions>,
     pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// The config in force now (a reload replaces it; holders of an older one keep theirs).
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts `config` in force.
+    pub fn set_config(&self, config: Arc<Config>) {
+        match self.config.write() {
+            Ok(mut c) => *c = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
 }
 
 /// A logged-in client, as the admin console shows it.
@@ -161,7 +180,7 @@ impl Server {
             positions: Arc::new(positions),
             metrics: Arc::new(Metrics::new(&config)),
             nodes,
-            config: Arc::new(config),
+            config: std::sync::RwLock::new(Arc::new(config)),
             pool: Pool::new(),
             cancels: CancelRegistry::default(),
             classifiers: ClassifierCache::default(),
@@ -200,23 +219,24 @@ impl Server {
         // Position watchers and the metrics endpoint outlive the sessions, which use them.
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
-        match shared.config.replication.mode {
+        let config = shared.config();
+        match config.replication.mode {
             ReplicationMode::Row => crate::replication::row::spawn(
-                shared.config.clone(),
+                config.clone(),
                 shared.positions.clone(),
                 shared.metrics.clone(),
                 &background,
                 stop_background.clone(),
             ),
             ReplicationMode::Statement => crate::replication::statement::spawn(
-                shared.config.clone(),
+                config.clone(),
                 shared.positions.clone(),
                 shared.metrics.clone(),
                 &background,
                 stop_background.clone(),
             ),
             ReplicationMode::Physical => physical::spawn(
-                shared.config.clone(),
+                config.clone(),
                 shared.positions.clone(),
                 shared.metrics.clone(),
                 &background,
@@ -231,7 +251,7 @@ impl Server {
                 stop_background.clone(),
             ));
         }
-        info!(listen = %shared.config.proxy.listen, "accepting connections");
+        info!(listen = %shared.config().proxy.listen, "accepting connections");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -263,7 +283,7 @@ impl Server {
             sessions = tracker.len(),
             "stopped accepting; waiting for sessions to finish"
         );
-        if tokio::time::timeout(shared.config.proxy.shutdown_timeout, tracker.wait())
+        if tokio::time::timeout(shared.config().proxy.shutdown_timeout, tracker.wait())
             .await
             .is_err()
         {

@@ -93,8 +93,8 @@ fn answer(out: &mut BytesMut, shared: &Shared, sql: &str) {
     match words.as_slice() {
         [] => be::empty_query_response(out),
         ["SHOW", "NODES"] => result(out, &NODE_COLUMNS, &nodes(shared), "SHOW"),
-        ["SHOW", "MODE"] => result(out, &["key", "value"], &mode(&shared.config), "SHOW"),
-        ["SHOW", "CONFIG"] => result(out, &["key", "value"], &config(&shared.config), "SHOW"),
+        ["SHOW", "MODE"] => result(out, &["key", "value"], &mode(&shared.config()), "SHOW"),
+        ["SHOW", "CONFIG"] => result(out, &["key", "value"], &config(&shared.config()), "SHOW"),
         ["SHOW", "CLIENTS"] => result(out, &CLIENT_COLUMNS, &clients(shared), "SHOW"),
         ["SHOW", "STATS"] => result(out, &["metric", "value"], &stats(shared), "SHOW"),
         ["RELOAD"] | ["PAUSE"] | ["RESUME"] => {
@@ -120,7 +120,7 @@ fn answer(out: &mut BytesMut, shared: &Shared, sql: &str) {
     }
 }
 
-const NODE_COLUMNS: [&str; 8] = [
+pub const NODE_COLUMNS: [&str; 8] = [
     "name",
     "role",
     "host_port",
@@ -132,8 +132,8 @@ const NODE_COLUMNS: [&str; 8] = [
 ];
 
 /// One row per node.
-fn nodes(shared: &Shared) -> Vec<Vec<Option<String>>> {
-    let config = &shared.config;
+pub fn nodes(shared: &Shared) -> Vec<Vec<Option<String>>> {
+    let config = shared.config();
     let statement = config.replication.mode == ReplicationMode::Statement;
     config
         .nodes

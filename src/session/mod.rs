@@ -42,7 +42,7 @@ use unit::{Statement, Unit};
 /// it can still hear them, and logged.
 pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let mut client = Client::new(stream);
-    let login_timeout = shared.config.proxy.client_login_timeout;
+    let login_timeout = shared.config().proxy.client_login_timeout;
     let startup =
         tokio::time::timeout(login_timeout, startup::handshake(&mut client, &shared)).await;
     let login = match startup {
@@ -66,7 +66,7 @@ pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
         }
     };
     if login.database == admin::CONSOLE_DATABASE {
-        let allowed = shared.config.user(&login.user).is_some_and(|u| u.admin);
+        let allowed = shared.config().user(&login.user).is_some_and(|u| u.admin);
         if !allowed {
             let err = startup::LoginError {
                 code: sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -337,7 +337,7 @@ impl Session {
         login: &Login,
         cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
     ) -> Self {
-        let config = shared.config.clone();
+        let config = shared.config();
         let consistency = config.routing.consistency;
         let shared_shutdown = shared.shutdown.clone().cancelled_owned();
         Session {

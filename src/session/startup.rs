@@ -135,7 +135,7 @@ async fn login(
         .collect();
     node_params.insert(0, ("database".to_owned(), database.clone()));
 
-    let config = shared.config.clone();
+    let config = shared.config();
     // Counted at accept, so this connection is included.
     if shared.client_connections.load(Ordering::Relaxed) > config.proxy.max_client_connections {
         return Err(LoginError::new(
