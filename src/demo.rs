@@ -121,7 +121,7 @@ pub fn demo_config_text(
     }
     text.push_str(&format!(
         "[[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\n\n\
-         [[users]]\nname = \"{DEMO_SUPERUSER}\"\npassword = \"{superuser_password}\"\n"
+         [[users]]\nname = \"{DEMO_SUPERUSER}\"\npassword = \"{superuser_password}\"\nadmin = true\n"
     ));
     text
 }
@@ -155,6 +155,8 @@ async fn serve(
     write_private(&config_path, &text)?;
     let config = Config::parse(&text)?;
     let server = Server::bind(config).await?;
+    // SIGHUP and the console's RELOAD read the file the demo wrote.
+    server.shared().control.set_config_path(&config_path);
     let addr = server.local_addr()?;
     println!();
     println!("pgrelay is listening on {addr} ({} mode)", opts.mode.name());
@@ -179,6 +181,12 @@ async fn serve(
         "connect:  psql \"postgres://{DEMO_USER}:{DEMO_PASSWORD}@{}:{}/{DEMO_DATABASE}\"",
         addr.ip(),
         addr.port()
+    );
+    println!(
+        "console:  psql -h {} -p {} -U {DEMO_SUPERUSER} pgrelay   (password in {}; try SHOW NODES, and RELOAD after editing it)",
+        addr.ip(),
+        addr.port(),
+        config_path.display()
     );
     println!("press Ctrl-C to stop");
     let stop = CancellationToken::new();

@@ -6,6 +6,8 @@
 //!   streaming-replication sub-protocol and pgoutput; no I/O.
 //! - [`config`]: the TOML config, validated into [`config::Config`] at load.
 //! - [`server`]: the listener, cancel requests, shutdown.
+//! - [`status`]: `pgrelay status`, the node table read through the admin console.
+//! - [`control`]: config reload, the live switch between row and statement mode, PAUSE.
 //! - [`session`]: one client connection's state machine: units of messages, routed and relayed.
 //! - [`routing`]: statement classification (and which DDL row mode replicates), and the registry
 //!   of nodes and their health.
@@ -18,6 +20,7 @@
 pub mod backend;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod metrics;
 pub mod protocol;
@@ -25,3 +28,4 @@ pub mod replication;
 pub mod routing;
 pub mod server;
 mod session;
+pub mod status;

@@ -51,6 +51,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the node table of a running pgrelay (its console's SHOW NODES), found through the config file.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// The console user (default: the first user with admin = true in the config).
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Validate a config file and print the effective config, passwords masked.
     CheckConfig {
         #[arg(long)]
@@ -83,14 +91,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config.to_masked_toml());
             Ok(())
         }
-        Command::Run { config } => {
+        Command::Status { config, user } => {
             let config = Config::load(&config)?;
+            let runtime = pgrelay::server::runtime(1).context("cannot start the async runtime")?;
+            let table = runtime.block_on(pgrelay::status::node_table(&config, user.as_deref()))?;
+            print!("{table}");
+            Ok(())
+        }
+        Command::Run { config: path } => {
+            let config = Config::load(&path)?;
             let runtime = pgrelay::server::runtime(config.proxy.worker_threads)
                 .context("cannot start the async runtime")?;
             runtime.block_on(async {
                 let server = Server::bind(config.clone())
                     .await
                     .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
+                server.shared().control.set_config_path(&path);
                 let stop = CancellationToken::new();
                 tokio::spawn(demo::cancel_on_signal(stop.clone()));
                 server.run(stop).await;

@@ -18,7 +18,7 @@ use crate::backend::Pool;
 use crate::config::{Config, ReplicationMode};
 use crate::metrics::{self, Metrics};
 use crate::protocol::frontend as fe;
-use crate::replication::{physical, positions::Positions};
+use crate::replication::positions::Positions;
 use crate::routing::classifiers::ClassifierCache;
 use crate::routing::NodeRegistry;
 use crate::session;
@@ -39,6 +39,8 @@ pub struct Shared {
     pub client_connections: AtomicUsize,
     pub positions: Arc<Positions>,
     pub metrics: Arc<Metrics>,
+    /// Reload, mode switch, PAUSE: see [`crate::control`].
+    pub control: crate::control::Control,
 }
 
 impl Shared {
@@ -188,6 +190,7 @@ impl Server {
             clients: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             client_connections: AtomicUsize::new(0),
+            control: crate::control::Control::default(),
         });
         Ok(Server {
             listener,
@@ -219,30 +222,11 @@ impl Server {
         // Position watchers and the metrics endpoint outlive the sessions, which use them.
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
-        let config = shared.config();
-        match config.replication.mode {
-            ReplicationMode::Row => crate::replication::row::spawn(
-                config.clone(),
-                shared.positions.clone(),
-                shared.metrics.clone(),
-                &background,
-                stop_background.clone(),
-            ),
-            ReplicationMode::Statement => crate::replication::statement::spawn(
-                config.clone(),
-                shared.positions.clone(),
-                shared.metrics.clone(),
-                &background,
-                stop_background.clone(),
-            ),
-            ReplicationMode::Physical => physical::spawn(
-                config.clone(),
-                shared.positions.clone(),
-                shared.metrics.clone(),
-                &background,
-                stop_background.clone(),
-            ),
-        }
+        crate::control::start_replication(&shared).await;
+        background.spawn(crate::control::reload_on_sighup(
+            shared.clone(),
+            stop_background.clone(),
+        ));
         if let Some(listener) = self.metrics_listener {
             info!(listen = ?listener.local_addr().ok(), "serving metrics");
             background.spawn(metrics::serve(
@@ -291,6 +275,7 @@ impl Server {
             tracker.wait().await;
         }
         info!("all sessions closed");
+        crate::control::stop_replication(&shared).await;
         stop_background.cancel();
         background.close();
         background.wait().await;

@@ -196,6 +196,9 @@ pub struct ReplicationConfig {
     pub ack: Ack,
     /// How long a commit's reply waits for followers before it goes out with a warning.
     pub ack_timeout: Duration,
+    /// A live mode switch (or PAUSE) waits this long for open transactions to finish and for
+    /// followers to catch up; past it the switch is abandoned and writes go on in the old mode.
+    pub switch_timeout: Duration,
     /// How often follower positions (and the leader's) are polled.
     pub poll_interval: Duration,
     /// The configured user pgrelay's own connections (position polling) log in as.
@@ -307,6 +310,52 @@ impl Config {
         self.users.iter().find(|u| u.name == name)
     }
 
+    /// What a reload to `new` puts in force: `new`, except the options that only a restart can
+    /// change, which keep their values here; those are named in the second part.
+    pub fn reloaded(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+        let mut restart = Vec::new();
+        let mut keep = |changed: bool, name: &'static str| {
+            if changed {
+                restart.push(name);
+            }
+        };
+        keep(new.proxy.listen != self.proxy.listen, "proxy.listen");
+        keep(
+            new.proxy.worker_threads != self.proxy.worker_threads,
+            "proxy.worker_threads",
+        );
+        keep(new.metrics.listen != self.metrics.listen, "metrics.listen");
+        keep(new.nodes != self.nodes, "nodes");
+        let r = (&new.replication, &self.replication);
+        keep(r.0.user != r.1.user, "replication.user");
+        keep(r.0.database != r.1.database, "replication.database");
+        keep(r.0.databases != r.1.databases, "replication.databases");
+        keep(r.0.poll_interval != r.1.poll_interval, "replication.poll_interval");
+        keep(
+            r.0.bootstrap_workers != r.1.bootstrap_workers,
+            "replication.bootstrap_workers",
+        );
+        keep(r.0.pg_bin_dir != r.1.pg_bin_dir, "replication.pg_bin_dir");
+        keep(
+            new.statement.log_retention != self.statement.log_retention,
+            "statement.log_retention",
+        );
+        new.proxy.listen = self.proxy.listen;
+        new.proxy.worker_threads = self.proxy.worker_threads;
+        new.metrics.listen = self.metrics.listen;
+        new.nodes = self.nodes.clone();
+        new.leader = self.leader;
+        new.leader_node = self.leader_node.clone();
+        new.replication.user = self.replication.user.clone();
+        new.replication.database = self.replication.database.clone();
+        new.replication.databases = self.replication.databases.clone();
+        new.replication.poll_interval = self.replication.poll_interval;
+        new.replication.bootstrap_workers = self.replication.bootstrap_workers;
+        new.replication.pg_bin_dir = self.replication.pg_bin_dir.clone();
+        new.statement.log_retention = self.statement.log_retention;
+        (new, restart)
+    }
+
     /// The effective config as TOML, every default filled in and passwords masked.
     pub fn to_masked_toml(&self) -> String {
         let raw = RawConfig {
@@ -358,6 +407,7 @@ impl Config {
                 mode: Some(self.replication.mode.name().into()),
                 ack: Some(self.replication.ack.to_string()),
                 ack_timeout: Some(fmt_duration(self.replication.ack_timeout)),
+                switch_timeout: Some(fmt_duration(self.replication.switch_timeout)),
                 poll_interval: Some(fmt_duration(self.replication.poll_interval)),
                 user: Some(self.replication.user.clone()),
                 database: Some(self.replication.database.clone()),
@@ -559,6 +609,11 @@ impl TryFrom<RawConfig> for Config {
                 "replication.ack_timeout",
                 raw.replication.ack_timeout.as_deref(),
                 Duration::from_secs(5),
+            )?,
+            switch_timeout: duration(
+                "replication.switch_timeout",
+                raw.replication.switch_timeout.as_deref(),
+                Duration::from_secs(10),
             )?,
             poll_interval: duration(
                 "replication.poll_interval",

@@ -59,6 +59,7 @@ pub struct RawReplication {
     pub mode: Option<String>,
     pub ack: Option<String>,
     pub ack_timeout: Option<String>,
+    pub switch_timeout: Option<String>,
     pub poll_interval: Option<String>,
     pub user: Option<String>,
     pub database: Option<String>,

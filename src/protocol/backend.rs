@@ -178,6 +178,13 @@ impl<'a> Report<'a> {
         }
     }
 
+    pub fn notice(message: &'a str) -> Self {
+        Report {
+            severity: "NOTICE",
+            ..Report::error(crate::protocol::sqlstate::SUCCESSFUL_COMPLETION, message)
+        }
+    }
+
     pub fn with_hint(self, hint: &'a str) -> Self {
         Report {
             hint: Some(hint),

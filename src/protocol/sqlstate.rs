@@ -31,4 +31,7 @@ pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
 pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
 pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
 pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+pub const SUCCESSFUL_COMPLETION: SqlState = SqlState("00000");
+pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
+pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
 pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");

@@ -82,6 +82,9 @@ pub struct Positions {
     db_applied: Vec<RwLock<HashMap<String, Position>>>,
     /// Database -> the highest position acknowledged in it (statement mode).
     db_acknowledged: RwLock<HashMap<String, Position>>,
+    /// Bumped by [`Positions::reset`]: a position from an earlier epoch is in another
+    /// currency, and was applied everywhere before the reset.
+    epoch: AtomicU64,
 }
 
 impl Positions {
@@ -104,7 +107,36 @@ impl Positions {
             per_database: AtomicBool::new(false),
             db_applied: (0..nodes).map(|_| RwLock::new(HashMap::new())).collect(),
             db_acknowledged: RwLock::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// A live mode switch: every follower applied everything under the old mode, whose
+    /// positions mean nothing to the new one. Forgets them all (followers count as down until
+    /// the new mode publishes them), keeps positions per database when `per_database`, and
+    /// starts a new epoch.
+    pub fn reset(&self, per_database: bool) {
+        self.per_database.store(per_database, Ordering::Release);
+        self.leader.store(0, Ordering::Release);
+        self.acknowledged.store(0, Ordering::Release);
+        if let Ok(mut map) = self.db_acknowledged.write() {
+            map.clear();
+        }
+        for map in &self.db_applied {
+            if let Ok(mut map) = map.write() {
+                map.clear();
+            }
+        }
+        for tx in self.followers.iter().flatten() {
+            tx.send_replace(FollowerState::default());
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// The epoch positions are counted in now (see [`Positions::reset`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Statement mode: from now on a follower's applied position and the acknowledged

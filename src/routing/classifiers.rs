@@ -31,6 +31,15 @@ impl ClassifierCache {
         }
     }
 
+    /// Forgets every database's classifier (the replication mode changed, and statement mode
+    /// needs classifiers that know the catalog).
+    pub fn invalidate_all(&self) {
+        if let Ok(mut m) = self.by_db.lock() {
+            m.clear();
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Forgets a database's functions (after CREATE/ALTER/DROP FUNCTION and the like).
     pub fn invalidate(&self, db: &str) {
         if let Ok(mut m) = self.by_db.lock() {

@@ -8,6 +8,8 @@
 //! - `SHOW CONFIG`: the effective config, every default filled in and secrets masked.
 //! - `SHOW CLIENTS`: the logged-in client sessions.
 //! - `SHOW STATS`: every sample of pgrelay's metrics, as `/metrics` would serve it.
+//! - `RELOAD`: reads the config file again (a changed mode is switched live), like SIGHUP.
+//! - `PAUSE` / `RESUME`: new transactions wait (once the open ones have finished) / go on.
 
 use std::sync::Arc;
 
@@ -55,7 +57,7 @@ pub async fn serve(client: &mut Client, shared: &Arc<Shared>, pid: i32, secret: 
             tag::QUERY => {
                 let body = frame.body();
                 match fe::parse_query(&body) {
-                    Ok(sql) => answer(&mut client.wbuf, shared, sql),
+                    Ok(sql) => answer(&mut client.wbuf, shared, sql).await,
                     Err(e) => {
                         Report::error(sqlstate::PROTOCOL_VIOLATION, &e.to_string())
                             .write_error(&mut client.wbuf);
@@ -82,7 +84,7 @@ pub async fn serve(client: &mut Client, shared: &Arc<Shared>, pid: i32, secret: 
 }
 
 /// Answers one query string.
-fn answer(out: &mut BytesMut, shared: &Shared, sql: &str) {
+async fn answer(out: &mut BytesMut, shared: &Arc<Shared>, sql: &str) {
     let words: Vec<String> = sql
         .trim()
         .trim_end_matches(';')
@@ -93,27 +95,32 @@ fn answer(out: &mut BytesMut, shared: &Shared, sql: &str) {
     match words.as_slice() {
         [] => be::empty_query_response(out),
         ["SHOW", "NODES"] => result(out, &NODE_COLUMNS, &nodes(shared), "SHOW"),
-        ["SHOW", "MODE"] => result(out, &["key", "value"], &mode(&shared.config()), "SHOW"),
+        ["SHOW", "MODE"] => result(out, &["key", "value"], &mode(shared), "SHOW"),
         ["SHOW", "CONFIG"] => result(out, &["key", "value"], &config(&shared.config()), "SHOW"),
         ["SHOW", "CLIENTS"] => result(out, &CLIENT_COLUMNS, &clients(shared), "SHOW"),
         ["SHOW", "STATS"] => result(out, &["metric", "value"], &stats(shared), "SHOW"),
-        ["RELOAD"] | ["PAUSE"] | ["RESUME"] => {
-            Report::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                &format!(
-                    "{} is not available in the pgrelay console yet",
-                    words.join(" ")
-                ),
-            )
-            .write_error(out);
-        }
+        ["RELOAD"] => match crate::control::reload(shared).await {
+            Ok(done) => {
+                Report::notice(&done.summary()).write_notice(out);
+                be::command_complete(out, "RELOAD");
+            }
+            Err(e) => Report::error(e.code, &e.message).write_error(out),
+        },
+        ["PAUSE"] => match crate::control::pause(shared).await {
+            Ok(()) => be::command_complete(out, "PAUSE"),
+            Err(e) => Report::error(e.code, &e.message).write_error(out),
+        },
+        ["RESUME"] => match crate::control::resume(shared).await {
+            Ok(()) => be::command_complete(out, "RESUME"),
+            Err(e) => Report::error(e.code, &e.message).write_error(out),
+        },
         _ => {
             Report::error(
                 sqlstate::SYNTAX_ERROR,
                 &format!("unknown pgrelay console command: {}", sql.trim()),
             )
             .with_hint(
-                "The console knows SHOW NODES, SHOW MODE, SHOW CONFIG, SHOW CLIENTS and SHOW STATS.",
+                "The console knows SHOW NODES, SHOW MODE, SHOW CONFIG, SHOW CLIENTS, SHOW STATS, RELOAD, PAUSE and RESUME.",
             )
             .write_error(out);
         }
@@ -181,9 +188,11 @@ pub fn nodes(shared: &Shared) -> Vec<Vec<Option<String>>> {
         .collect()
 }
 
-fn mode(config: &Config) -> Vec<Vec<Option<String>>> {
+fn mode(shared: &Shared) -> Vec<Vec<Option<String>>> {
+    let config = shared.config();
     let mut rows = vec![
         ("mode", config.replication.mode.name().to_owned()),
+        ("paused", shared.control.is_paused().to_string()),
         ("ack", config.replication.ack.to_string()),
         ("consistency", config.routing.consistency.name().to_owned()),
     ];

@@ -61,73 +61,26 @@ impl Session {
                 if self.reload_classifier && self.statement_mode() {
                     self.load_classifier().await;
                 }
-                let body = frame.body();
-                let parse =
-                    fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
-                let c = self.classifier.classify(parse.query);
-                let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
-                let ddl = if c.ddl && self.row_mode() {
-                    let temp = self.may_have_temp(class.pins_leader);
-                    match ddl::plan_parse(&parse, temp) {
-                        ParsePlan::Keep => None,
-                        ParsePlan::Statement(d) => Some(Arc::new(d)),
-                        ParsePlan::RefuseUnit(refusal) if self.open_unit.is_none() => {
-                            return Ok(self.refuse_unit(refusal));
-                        }
-                        ParsePlan::RefuseUnit(refusal) => {
-                            // Part of the unit is on a node already: its Sync must go there.
-                            // The server raises the refusal at Execute instead (a client
-                            // that binds parameters is told they do not fit first).
-                            let mut out = bytes::BytesMut::new();
-                            fe::parse(&mut out, parse.name, &ddl::raise_block(refusal), &[]);
-                            Some(Arc::new(ddl::StatementDdl {
-                                parse: Some(out.freeze()),
-                                reply: Arc::new(ddl::Reply::Refused),
-                            }))
-                        }
-                    }
-                } else {
-                    None
+                let may_refuse = self.open_unit.is_none();
+                let statement = match self.plan_parse(&frame, may_refuse)? {
+                    Ok(statement) => statement,
+                    Err(refusal) => return Ok(self.refuse_unit(refusal)),
                 };
-                if let Some(rewritten) = ddl.as_ref().and_then(|d| d.parse.clone()) {
+                if let Some(rewritten) = statement.ddl.as_ref().and_then(|d| d.parse.clone()) {
                     self.unit.rewrites.push((self.unit.frames.len(), rewritten));
                 }
-                let (log, leader_parse) = if self.statement_mode() {
-                    match self.plan_parse_log(&body, parse.name, parse.query, &c) {
-                        Ok(planned) => planned,
-                        Err(refusal) if self.open_unit.is_none() => {
-                            return Ok(self.refuse_unit(refusal));
-                        }
-                        Err(refusal) => {
-                            // Part of the unit is on the leader already: the server raises the
-                            // refusal at Execute instead.
-                            let mut out = bytes::BytesMut::new();
-                            fe::parse(&mut out, parse.name, &ddl::raise_sql(&refusal), &[]);
-                            (None, Some(out.freeze()))
-                        }
-                    }
-                } else {
-                    (None, None)
-                };
-                if let Some(rewritten) = &leader_parse {
+                if let Some(rewritten) = &statement.leader_parse {
                     self.unit
                         .rewrites
                         .push((self.unit.frames.len(), rewritten.clone()));
                 }
-                let name = parse.name.to_owned();
-                self.unit.read_only &= class.read_only;
-                let setting = overrides::parse_command(parse.query)
-                    .filter(|c| !matches!(c, overrides::Command::Show { .. }));
-                let statement = Arc::new(Statement {
-                    id: self.next_statement_id,
-                    parse: frame.raw().clone(),
-                    class,
-                    setting,
-                    ddl,
-                    log,
-                    leader_parse,
-                });
-                self.next_statement_id += 1;
+                let body = frame.body();
+                let name = fe::parse_parse(&body)
+                    .map_err(|e| self.protocol_violation(e.to_string()))?
+                    .name
+                    .to_owned();
+                self.unit.read_only &= statement.class.read_only;
+                let statement = Arc::new(statement);
                 // A named statement that exists already makes the node fail the Parse (42P05);
                 // the existing one stays, as in Postgres.
                 if name.is_empty() || !self.statements.contains_key(&name) {
@@ -285,6 +238,70 @@ impl Session {
             return self.dispatch_unit().await;
         }
         Ok(Flow::Continue)
+    }
+
+    /// Plans a client's Parse under the session's replication mode: its class, and what the
+    /// leader gets instead of the client's text (row-mode DDL, statement-mode rewrites). A
+    /// refusal is `Err` when `may_refuse` (the unit is refused); otherwise the leader's Parse
+    /// has the server raise it when the statement runs.
+    pub(super) fn plan_parse(
+        &mut self,
+        frame: &Frame,
+        may_refuse: bool,
+    ) -> Result<Result<Statement, ddl::Raise>, SessionEnd> {
+        let body = frame.body();
+        let parse = fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
+        let c = self.classifier.classify(parse.query);
+        let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
+        let ddl = if c.ddl && self.row_mode() {
+            let temp = self.may_have_temp(class.pins_leader);
+            match ddl::plan_parse(&parse, temp) {
+                ParsePlan::Keep => None,
+                ParsePlan::Statement(d) => Some(Arc::new(d)),
+                ParsePlan::RefuseUnit(refusal) if may_refuse => return Ok(Err(refusal.into())),
+                ParsePlan::RefuseUnit(refusal) => {
+                    // Part of the unit is on a node already: its Sync must go there. The
+                    // server raises the refusal at Execute instead (a client that binds
+                    // parameters is told they do not fit first).
+                    let mut out = bytes::BytesMut::new();
+                    fe::parse(&mut out, parse.name, &ddl::raise_block(refusal), &[]);
+                    Some(Arc::new(ddl::StatementDdl {
+                        parse: Some(out.freeze()),
+                        reply: Arc::new(ddl::Reply::Refused),
+                    }))
+                }
+            }
+        } else {
+            None
+        };
+        let (log, leader_parse) = if self.statement_mode() {
+            match self.plan_parse_log(&body, parse.name, parse.query, &c) {
+                Ok(planned) => planned,
+                Err(refusal) if may_refuse => return Ok(Err(refusal)),
+                Err(refusal) => {
+                    // Part of the unit is on the leader already: the server raises the
+                    // refusal at Execute instead.
+                    let mut out = bytes::BytesMut::new();
+                    fe::parse(&mut out, parse.name, &ddl::raise_sql(&refusal), &[]);
+                    (None, Some(out.freeze()))
+                }
+            }
+        } else {
+            (None, None)
+        };
+        let setting = overrides::parse_command(parse.query)
+            .filter(|c| !matches!(c, overrides::Command::Show { .. }));
+        let statement = Statement {
+            id: self.next_statement_id,
+            parse: frame.raw().clone(),
+            class,
+            setting,
+            ddl,
+            log,
+            leader_parse,
+        };
+        self.next_statement_id += 1;
+        Ok(Ok(statement))
     }
 
     fn protocol_violation(&mut self, message: String) -> SessionEnd {

@@ -5,7 +5,7 @@
 //! node (preparing a statement there, replaying `SET`s) travels in groups whose replies are
 //! swallowed, so the client sees exactly the replies to what it sent.
 
-mod admin;
+pub(crate) mod admin;
 mod client;
 mod ddl;
 mod dispatch;
@@ -16,6 +16,7 @@ mod startup;
 mod state;
 mod statement;
 mod unit;
+mod mode;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -314,6 +315,11 @@ pub(crate) struct Session {
     pending_seq: Option<u64>,
     /// Statement mode: pgrelay's log insert failed: the error goes to the client with its COMMIT.
     log_failure: Option<bytes::Bytes>,
+    /// Held from the first message of a transaction until the session is idle again (see
+    /// [`crate::control`]).
+    gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+    /// The config reload this session's config is from.
+    generation: u64,
 }
 
 /// A commit whose reply waits until enough followers applied its position.
@@ -337,6 +343,8 @@ impl Session {
         login: &Login,
         cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
     ) -> Self {
+        // The generation first: a reload in between is then picked up at the first transaction.
+        let generation = shared.control.generation();
         let config = shared.config();
         let consistency = config.routing.consistency;
         let shared_shutdown = shared.shutdown.clone().cancelled_owned();
@@ -389,6 +397,8 @@ impl Session {
             temp_tables: HashSet::new(),
             pending_seq: None,
             log_failure: None,
+            gate: None,
+            generation,
         }
     }
 
@@ -598,6 +608,9 @@ impl Session {
                 self.unit = saved;
             }
             while let Some(frame) = self.inbox.pop_front().filter(|_| self.retries.is_empty()) {
+                if self.needs_gate(&frame) {
+                    self.enter().await?;
+                }
                 match self.on_client_message(frame).await? {
                     Flow::Continue => {}
                     Flow::Wait(frame) => {
@@ -608,6 +621,7 @@ impl Session {
             }
             self.flush_backends().await?;
             self.client.flush().await.map_err(ClientError::Io)?;
+            self.leave_if_idle();
             let waiting = !self.inbox.is_empty() || !self.retries.is_empty();
             let ack = self.ack_future();
             tokio::select! {
