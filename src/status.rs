@@ -103,7 +103,7 @@ mod tests {
         let text = format_table(&["name", "lag_seconds"], &rows);
         assert_eq!(
             text,
-            "name   | lag_seconds\n-------+-------------\nleader |\nf1     | 0.250\n"
+            "name   | lag_seconds\n-------+------------\nleader |\nf1     | 0.250\n"
         );
     }
 }
