@@ -139,13 +139,9 @@ pub async fn start_replication(shared: &Arc<Shared>) {
         ReplicationMode::Row => {
             crate::replication::row::spawn(config, positions, metrics, &tracker, stop.clone())
         }
-        ReplicationMode::Statement => crate::replication::statement::spawn(
-            config,
-            positions,
-            metrics,
-            &tracker,
-            stop.clone(),
-        ),
+        ReplicationMode::Statement => {
+            crate::replication::statement::spawn(config, positions, metrics, &tracker, stop.clone())
+        }
         ReplicationMode::Physical => {
             physical::spawn(config, positions, metrics, &tracker, stop.clone())
         }
@@ -182,12 +178,17 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<Reloaded, ControlError> {
 }
 
 async fn reload_locked(shared: &Arc<Shared>) -> Result<Reloaded, ControlError> {
-    let path = shared.control.config_path().ok_or_else(|| ControlError::state(
-        "pgrelay was not started from a config file (pgrelay run --config FILE), so there is \
+    let path = shared.control.config_path().ok_or_else(|| {
+        ControlError::state(
+            "pgrelay was not started from a config file (pgrelay run --config FILE), so there is \
          nothing to reload",
-    ))?;
+        )
+    })?;
     let new = Config::load(&path).map_err(|e| {
-        ControlError::new(sqlstate::CONFIG_FILE_ERROR, format!("{}: {e}", path.display()))
+        ControlError::new(
+            sqlstate::CONFIG_FILE_ERROR,
+            format!("{}: {e}", path.display()),
+        )
     })?;
     let old = shared.config();
     let (new, need_restart) = old.reloaded(new);
@@ -201,16 +202,19 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<Reloaded, ControlError> {
     } else {
         if from == ReplicationMode::Physical || to == ReplicationMode::Physical {
             shared.metrics.mode_switch("refused");
-            return Err(ControlError::new(sqlstate::FEATURE_NOT_SUPPORTED, format!(
-                "replication.mode cannot change from {} to {} while pgrelay runs: physical \
+            return Err(ControlError::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "replication.mode cannot change from {} to {} while pgrelay runs: physical \
                  followers are read-only streaming standbys that Postgres keeps equal to the \
                  leader, while row and statement followers are writable databases that pgrelay \
                  fills; neither kind can become the other in place. Set mode back to \"{}\" and \
                  reload, or rebuild the followers for the other kind and restart pgrelay",
-                from.name(),
-                to.name(),
-                from.name()
-            )));
+                    from.name(),
+                    to.name(),
+                    from.name()
+                ),
+            ));
         }
         let pause = switch_mode(shared, &old, new)
             .await
@@ -306,9 +310,7 @@ async fn carry_out(
         start_replication(shared).await;
         return Err(format!("{e}; the mode stays {}", from.name()));
     }
-    shared
-        .positions
-        .reset(to == ReplicationMode::Statement);
+    shared.positions.reset(to == ReplicationMode::Statement);
     shared.metrics.set_mode(to.name());
     shared.set_config(Arc::new(new));
     // After the new config: a classifier loaded from now on is for the new mode.

@@ -241,7 +241,12 @@ impl Metrics {
             backend_connections: config
                 .nodes
                 .iter()
-                .map(|n| gauge(BACKEND_CONNECTIONS, vec![Label::new("node", n.name.clone())]))
+                .map(|n| {
+                    gauge(
+                        BACKEND_CONNECTIONS,
+                        vec![Label::new("node", n.name.clone())],
+                    )
+                })
                 .collect(),
             query_duration_leader: route("leader"),
             query_duration_follower: route("follower"),
@@ -251,7 +256,11 @@ impl Metrics {
                 .map(|m| (*m, gauge(REPLICATION_MODE, vec![Label::new("mode", *m)])))
                 .collect(),
             mode_switch_pause: histogram(MODE_SWITCH_PAUSE_SECONDS),
-            mode_switches: by(MODE_SWITCHES_TOTAL, "result", &["done", "refused", "failed"]),
+            mode_switches: by(
+                MODE_SWITCHES_TOTAL,
+                "result",
+                &["done", "refused", "failed"],
+            ),
             config_reloads: by(CONFIG_RELOADS_TOTAL, "result", &["ok", "error"]),
             paused: gauge(PAUSED, vec![]),
             handle: recorder.handle(),

@@ -8,6 +8,9 @@ use std::time::Duration;
 use crate::backend::BackendConn;
 use crate::config::{Config, NodeConfig, Role};
 
+/// The columns of the node table (the console's `SHOW NODES`).
+pub use crate::session::admin::NODE_COLUMNS;
+
 /// Connects to the pgrelay `config` describes, runs `SHOW NODES` and formats the answer as an
 /// aligned table. `user`: the console user (default: the first with `admin = true`).
 pub async fn node_table(config: &Config, user: Option<&str>) -> anyhow::Result<String> {
@@ -53,7 +56,7 @@ pub async fn node_table(config: &Config, user: Option<&str>) -> anyhow::Result<S
         .await
         .map_err(|e| anyhow::anyhow!("SHOW NODES: {}", e.message))?;
     conn.terminate().await;
-    Ok(format_table(&crate::session::admin::NODE_COLUMNS, &rows))
+    Ok(format_table(&NODE_COLUMNS, &rows))
 }
 
 /// Columns padded to their widest cell, a header and a rule, NULL shown as empty.

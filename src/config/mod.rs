@@ -330,7 +330,10 @@ impl Config {
         keep(r.0.user != r.1.user, "replication.user");
         keep(r.0.database != r.1.database, "replication.database");
         keep(r.0.databases != r.1.databases, "replication.databases");
-        keep(r.0.poll_interval != r.1.poll_interval, "replication.poll_interval");
+        keep(
+            r.0.poll_interval != r.1.poll_interval,
+            "replication.poll_interval",
+        );
         keep(
             r.0.bootstrap_workers != r.1.bootstrap_workers,
             "replication.bootstrap_workers",

@@ -41,9 +41,15 @@ pub async fn databases(config: &Config) -> Result<Vec<String>, String> {
 }
 
 async fn leader(config: &Config, database: &str) -> Result<BackendConn, String> {
-    connect_own(config, config.leader, database, "pgrelay mode switch", false)
-        .await
-        .map_err(|e| format!("leader, database \"{database}\": {e}"))
+    connect_own(
+        config,
+        config.leader,
+        database,
+        "pgrelay mode switch",
+        false,
+    )
+    .await
+    .map_err(|e| format!("leader, database \"{database}\": {e}"))
 }
 
 fn single(rows: Vec<Vec<Option<String>>>) -> Option<String> {
@@ -78,8 +84,7 @@ pub async fn drain(
             conn.terminate().await;
             let done = |p: &Positions| {
                 followers.iter().all(|&f| {
-                    p.follower(f).has_applied(target)
-                        && databases.iter().all(|d| p.serves(f, d))
+                    p.follower(f).has_applied(target) && databases.iter().all(|d| p.serves(f, d))
                 })
             };
             if positions.wait_until(remaining(), done).await {
@@ -218,7 +223,10 @@ async fn create_row_starts(
                 .await;
             follower_conn.terminate().await;
             recorded.map_err(|e| {
-                format!("follower {name}, database {db}: recording the row-mode start: {}", e.message)
+                format!(
+                    "follower {name}, database {db}: recording the row-mode start: {}",
+                    e.message
+                )
             })?;
             info!(follower = %name, database = %db, start = %start, "row mode starts here");
         }

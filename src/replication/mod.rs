@@ -9,8 +9,8 @@
 //!   followers.
 //! - [`statement`]: the statement log sessions write on the leader, replayed by pgrelay on
 //!   writable followers (it shares row mode's follower task and bootstrap).
-pub mod lag;
 pub mod handover;
+pub mod lag;
 pub mod physical;
 pub mod positions;
 pub mod row;

@@ -9,6 +9,7 @@ pub(crate) mod admin;
 mod client;
 mod ddl;
 mod dispatch;
+mod mode;
 mod overrides;
 mod relay;
 mod route;
@@ -16,7 +17,6 @@ mod startup;
 mod state;
 mod statement;
 mod unit;
-mod mode;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

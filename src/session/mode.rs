@@ -60,11 +60,7 @@ impl Session {
             && self.captures_in_flight == 0
             && self.stx.is_none()
             && !self.in_block
-            && self
-                .backends
-                .iter()
-                .flatten()
-                .all(|b| b.groups.is_empty())
+            && self.backends.iter().flatten().all(|b| b.groups.is_empty())
     }
 
     /// Takes the config in force: routing, acknowledgement and statement options at once; a
@@ -88,7 +84,10 @@ impl Session {
     /// again (the next use prepares them again on each node, as after a replacement).
     async fn adopt_mode(&mut self) {
         let mode = self.config.replication.mode;
-        info!(mode = mode.name(), "session continues in the new replication mode");
+        info!(
+            mode = mode.name(),
+            "session continues in the new replication mode"
+        );
         self.last_write = None;
         self.min_position = None;
         self.stx = None;
