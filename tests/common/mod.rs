@@ -6,6 +6,7 @@
 //! servers also get a parent-death signal if the binary is killed.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod grafana;
 pub mod raw;
 pub mod row;
 
