@@ -188,6 +188,21 @@ fn a_live_switch_statement_row_statement_under_load_loses_nothing() {
             500 + 4 + i64::try_from(committed).unwrap()
         );
         assert_converged(info, &info.followers, &db, CONVERGE).await;
+        let sequence = |node| {
+            let db = db.clone();
+            async move {
+                connect_direct(node, &db)
+                    .await
+                    .query_one("SELECT last_value FROM ledger_id_seq", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+            }
+        };
+        let leader_seq = sequence(&info.leader).await;
+        for f in &info.followers {
+            assert_eq!(sequence(f).await, leader_seq, "{}'s sequence", f.name);
+        }
         let leftover: i64 = connect_direct(&info.leader, "postgres")
             .await
             .query_one(

@@ -22,6 +22,10 @@ use super::row::stream::ReplicationStream;
 use super::row::{follower, follower_database, FOLLOWER_OPTIONS, LEADER_OPTIONS};
 use super::statement::{log, setup as statement_setup};
 
+/// Every sequence of the database that was used, with its value (pgrelay's own excepted).
+const SEQUENCES_SQL: &str = "SELECT format('%I.%I', schemaname, sequencename), last_value \
+     FROM pg_catalog.pg_sequences WHERE last_value IS NOT NULL AND schemaname <> 'pgrelay'";
+
 /// The followers' node indexes.
 fn followers(config: &Config) -> Vec<usize> {
     config
@@ -247,6 +251,22 @@ pub async fn to_statement(config: &Config, databases: &[String]) -> Result<(), S
         let end = statement_setup::leader_log_end(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
+        // Row mode carries rows, not sequence values; statement mode keeps the followers'
+        // sequences at the leader's, so they start equal.
+        let sequences = conn
+            .query(SEQUENCES_SQL)
+            .await
+            .map_err(|e| format!("reading {db}'s sequences: {}", e.message))?;
+        let set_sequences: String = sequences
+            .iter()
+            .filter_map(|r| match (r.first().cloned().flatten(), r.get(1).cloned().flatten()) {
+                (Some(name), Some(value)) => Some(format!(
+                    "SELECT pg_catalog.setval({}, {value});",
+                    literal(&name)
+                )),
+                _ => None,
+            })
+            .collect();
         for f in followers(config) {
             let name = config.node_name(f);
             let mut follower_conn = follower_database(
@@ -262,6 +282,13 @@ pub async fn to_statement(config: &Config, databases: &[String]) -> Result<(), S
             let mut recorded = statement_setup::ensure_bookkeeping(&mut follower_conn)
                 .await
                 .map_err(|e| e.to_string());
+            if recorded.is_ok() && !set_sequences.is_empty() {
+                recorded = follower_conn
+                    .query(&set_sequences)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("setting sequences to the leader's values: {}", e.message));
+            }
             if recorded.is_ok() {
                 recorded = follower_conn
                     .query(&format!(
