@@ -42,6 +42,7 @@ impl Session {
                     }
                 }
                 let c = self.classifier.classify(sql);
+                self.count_parse_failure(&c);
                 let class = StatementClass::of(&c, &self.sql_prepared, sql);
                 if c.ddl && self.row_mode() {
                     let temp = self.may_have_temp(class.pins_leader);
@@ -65,6 +66,7 @@ impl Session {
                 let parse =
                     fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
                 let c = self.classifier.classify(parse.query);
+                self.count_parse_failure(&c);
                 let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
                 let ddl = if c.ddl && self.row_mode() {
                     let temp = self.may_have_temp(class.pins_leader);
@@ -516,6 +518,7 @@ impl Session {
             _ => {
                 backend.groups.push_back(Group {
                     forward: true,
+                    started: Some(std::time::Instant::now()),
                     ..Group::default()
                 });
                 match backend.groups.back_mut() {
@@ -631,6 +634,14 @@ impl Session {
             if let Some(group) = self.backend_mut(node).and_then(|b| b.groups.back_mut()) {
                 group.retry = Some(Box::new(unit));
             }
+        }
+    }
+
+    /// Counts a client statement the classifier could not parse (it runs on the leader), so
+    /// operators see how often routing fell back for want of understanding the SQL.
+    fn count_parse_failure(&self, c: &crate::routing::classify::Classification) {
+        if c.parse_failed {
+            self.shared.metrics.parse_failures.increment(1);
         }
     }
 
