@@ -248,7 +248,7 @@ impl Server {
             info!(listen = ?listener.local_addr().ok(), "serving metrics");
             background.spawn(metrics::serve(
                 listener,
-                shared.metrics.clone(),
+                shared.clone(),
                 stop_background.clone(),
             ));
         }

@@ -5,7 +5,7 @@
 //! node (preparing a statement there, replaying `SET`s) travels in groups whose replies are
 //! swallowed, so the client sees exactly the replies to what it sent.
 
-mod admin;
+pub(crate) mod admin;
 mod client;
 mod ddl;
 mod dispatch;
