@@ -174,6 +174,7 @@ async fn serve(
     }
     println!("  config     {}", config_path.display());
     if let Some(addr) = server.metrics_addr() {
+        println!("  status     http://{addr}/ (lag charts and nodes, in a browser)");
         println!("  metrics    http://{addr}/metrics");
     }
     println!();

@@ -15,6 +15,7 @@
 //! - [`replication`]: follower positions and lag, and per replication mode how followers get
 //!   the leader's changes (physical standbys watched; row mode streamed and applied by pgrelay).
 //! - [`metrics`]: Prometheus metric names, handles and the `/metrics` endpoint.
+//! - [`status_page`]: the status page on the metrics port (`/`, `/status.json`) and its lag history.
 //! - [`cluster`]: starts and stops a local leader + followers from the installed Postgres binaries.
 //! - [`demo`]: `pgrelay demo`, a local cluster with pgrelay in front of it.
 pub mod backend;
@@ -29,3 +30,4 @@ pub mod routing;
 pub mod server;
 mod session;
 pub mod status;
+pub mod status_page;

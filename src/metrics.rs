@@ -1,5 +1,6 @@
 //! Prometheus metrics: names (with units) in one place, handles registered once per proxy and
-//! passed to whoever updates them, and a small HTTP endpoint that serves `/metrics`.
+//! passed to whoever updates them, and a small HTTP endpoint that serves `/metrics` (and the
+//! status page of [`crate::status_page`] on `/` and `/status.json`).
 //!
 //! The recorder is per proxy rather than the `metrics` crate's global one, so several proxies
 //! in one process (tests) keep their numbers apart.
@@ -15,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::{Config, Role};
+use crate::server::Shared;
+use crate::status_page::{self as status, History};
 
 pub const REPLICATION_LAG_SECONDS: &str = "pgrelay_replication_lag_seconds";
 pub const REPLICATION_LAG_BYTES: &str = "pgrelay_replication_lag_bytes";
@@ -334,11 +337,19 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+/// Serves `GET /metrics`, the status page and its JSON on `listener` until `stop` is
+/// cancelled, and samples the followers' lag for the page's history meanwhile.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let history = Arc::new(History::default());
+    let mut ticks = tokio::time::interval(status::SAMPLE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let (mut stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
+            _ = ticks.tick() => {
+                history.sample(&shared);
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -347,7 +358,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
                 }
             },
         };
-        let metrics = metrics.clone();
+        let shared = shared.clone();
+        let history = history.clone();
         tokio::spawn(async move {
             let mut request = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
@@ -366,18 +378,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
                 return;
             }
             let line = String::from_utf8_lossy(&request);
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (status, content_type, body) = if path == "/metrics" {
-                ("200 OK", "text/plain; version=0.0.4", metrics.render())
-            } else {
-                (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found; try /metrics\n".to_owned(),
-                )
-            };
+            let target = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, content_type, body) = respond(target, &shared, &history);
             let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             if let Err(err) = stream.write_all(response.as_bytes()).await {
@@ -385,5 +389,36 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
             }
             let _ = stream.shutdown().await;
         });
+    }
+}
+
+/// Status line, content type and body for a request target.
+fn respond(
+    target: &str,
+    shared: &Shared,
+    history: &History,
+) -> (&'static str, &'static str, String) {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    match path {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            shared.metrics.render(),
+        ),
+        "/" => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            status::PAGE.to_owned(),
+        ),
+        "/status.json" => (
+            "200 OK",
+            "application/json",
+            status::status_json(shared, history, status::since_param(target)),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "not found; try /metrics, / or /status.json\n".to_owned(),
+        ),
     }
 }

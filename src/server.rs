@@ -178,12 +178,13 @@ impl Server {
         if config.replication.mode == ReplicationMode::Statement {
             positions.use_database_positions();
         }
+        let metrics = Arc::new(Metrics::new(&config));
         let shared = Arc::new(Shared {
             positions: Arc::new(positions),
-            metrics: Arc::new(Metrics::new(&config)),
+            pool: Pool::new(metrics.clone()),
+            metrics,
             nodes,
             config: std::sync::RwLock::new(Arc::new(config)),
-            pool: Pool::new(),
             cancels: CancelRegistry::default(),
             classifiers: ClassifierCache::default(),
             statement_logs: Mutex::new(std::collections::HashSet::new()),
@@ -231,7 +232,7 @@ impl Server {
             info!(listen = ?listener.local_addr().ok(), "serving metrics");
             background.spawn(metrics::serve(
                 listener,
-                shared.metrics.clone(),
+                shared.clone(),
                 stop_background.clone(),
             ));
         }

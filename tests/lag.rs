@@ -445,3 +445,82 @@ async fn lag_metrics_show_the_delay_under_load_and_zero_when_idle() {
     })
     .await;
 }
+
+/// The operator metrics: query durations by route, connections held to each node while a
+/// session is open (and none after), and statements the classifier could not parse.
+#[tokio::test]
+async fn operator_metrics_show_durations_connections_and_parse_failures() {
+    let db = database("operator").await;
+    let (proxy, metrics) = lag_proxy("").await;
+    let e = env();
+    let leader_conns = format!("pgrelay_backend_connections{{node=\"{}\"}}", e.leader.name);
+    let follower_conns =
+        [&e.fast, &e.slow].map(|f| format!("pgrelay_backend_connections{{node=\"{}\"}}", f.name));
+    let text = scrape(metrics).await;
+    assert_eq!(metric(&text, &leader_conns), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "pgrelay_parse_failures_total"), Some(0.0));
+
+    let client = connect_proxy(proxy, &db).await;
+    // A session that has not written reads from a follower (once pgrelay knows one is up).
+    wait_until(Duration::from_secs(10), || async {
+        let port: i32 = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        port != i32::from(e.leader.port)
+    })
+    .await;
+    client
+        .execute("INSERT INTO t VALUES (1, 'x')", &[])
+        .await
+        .unwrap();
+    // Valid Postgres that the classifier's parser does not know (ROWS FROM), with a word
+    // that leaves it in doubt whether the query writes: it runs on the leader.
+    let rows = client
+        .query(
+            "WITH a AS (SELECT 1 AS x) SELECT x AS update, g, inet_server_port() \
+             FROM a, ROWS FROM (generate_series(1, 2)) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].get::<_, i32>(2), i32::from(e.leader.port));
+
+    let text = scrape(metrics).await;
+    for route in ["leader", "follower"] {
+        let count = metric(
+            &text,
+            &format!("pgrelay_query_duration_seconds_count{{route=\"{route}\"}}"),
+        );
+        assert!(count.is_some_and(|c| c >= 1.0), "{route}: {text}");
+        let sum = metric(
+            &text,
+            &format!("pgrelay_query_duration_seconds_sum{{route=\"{route}\"}}"),
+        );
+        assert!(sum.is_some_and(|s| s > 0.0), "{route}: {text}");
+    }
+    assert!(metric(&text, &leader_conns).unwrap() >= 1.0, "{text}");
+    let on_followers: f64 = follower_conns
+        .iter()
+        .map(|s| metric(&text, s).unwrap())
+        .sum();
+    assert!(on_followers >= 1.0, "{text}");
+    // Only the one statement above (the client library's own queries parse fine).
+    assert_eq!(
+        metric(&text, "pgrelay_parse_failures_total"),
+        Some(1.0),
+        "{text}"
+    );
+
+    // The session ends: every connection it held is closed and counted out.
+    drop(client);
+    wait_until(Duration::from_secs(10), || async {
+        let text = scrape(metrics).await;
+        std::iter::once(&leader_conns)
+            .chain(&follower_conns)
+            .all(|s| metric(&text, s) == Some(0.0))
+    })
+    .await;
+}

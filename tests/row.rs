@@ -974,3 +974,83 @@ async fn a_follower_missing_a_row_stops_until_someone_fixes_it() {
     })
     .await;
 }
+
+/// While a bootstrap copies, the follower's table gauges say how many tables it copies and how
+/// many it has done; once it finished they read 0 again. One table's copy is held up on
+/// purpose (a trigger that fires in replica mode too waits while the test keeps a connection
+/// named `pgrelay-test-hold` open on the follower), so the middle of the copy can be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_gauges_count_tables_while_copying_and_read_zero_after() {
+    const HOLD: &str = "pgrelay-test-hold";
+    let info = row_cluster();
+    let db = leader_database(&info.leader, "progress").await;
+    connect_direct(&info.leader, &db)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE quick (id int PRIMARY KEY);
+             INSERT INTO quick SELECT generate_series(1, 100);
+             CREATE TABLE held (id int PRIMARY KEY);
+             CREATE FUNCTION wait_for_release() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 LOOP
+                     PERFORM pg_stat_clear_snapshot();
+                     EXIT WHEN NOT EXISTS
+                         (SELECT 1 FROM pg_stat_activity WHERE application_name = '{HOLD}');
+                     PERFORM pg_sleep(0.02);
+                 END LOOP;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER held_wait BEFORE INSERT ON held
+                 FOR EACH ROW EXECUTE FUNCTION wait_for_release();
+             ALTER TABLE held ENABLE ALWAYS TRIGGER held_wait;
+             INSERT INTO held VALUES (1);"
+        ))
+        .await
+        .unwrap();
+    let mut holds = Vec::new();
+    for f in &info.followers {
+        let conninfo = format!(
+            "{} application_name={HOLD}",
+            common::direct_conn_string(f, "postgres")
+        );
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        holds.push((client, tokio::spawn(conn)));
+    }
+    let (_, metrics) = start_proxy_with_metrics(row_config(info, &db, "")).await;
+    let gauges = |text: &str, f: &str| {
+        let l = format!("follower=\"{f}\"");
+        (
+            metric(text, &format!("pgrelay_bootstrap_tables{{{l}}}")),
+            metric(text, &format!("pgrelay_bootstrap_tables_copied{{{l}}}")),
+        )
+    };
+    // Both tables to copy; `quick` is done, `held` waits.
+    common::wait_until(Duration::from_secs(60), || async {
+        let text = scrape(metrics).await;
+        info.followers
+            .iter()
+            .all(|f| gauges(&text, &f.name) == (Some(2.0), Some(1.0)))
+    })
+    .await;
+    for f in &info.followers {
+        assert_eq!(common::row::applied(f, &db).await, None, "still copying");
+    }
+    for (client, conn) in holds {
+        drop(client);
+        conn.await.unwrap().unwrap();
+    }
+    wait_bootstrapped(info, &db).await;
+    let text = scrape(metrics).await;
+    for f in &info.followers {
+        assert_eq!(gauges(&text, &f.name), (Some(0.0), Some(0.0)), "{text}");
+        let l = format!("follower=\"{}\"", f.name);
+        assert_eq!(
+            metric(&text, &format!("pgrelay_bootstrap_rows_total{{{l}}}")),
+            Some(101.0)
+        );
+        let held: i64 = value_on(f, &db, "SELECT count(*) FROM held").await;
+        assert_eq!(held, 1);
+    }
+}

@@ -115,6 +115,9 @@ pub struct BackendConn {
     pub params: Vec<(String, String)>,
     /// The role pgrelay logged in as.
     pub user: String,
+    /// Keeps this connection in `pgrelay_backend_connections` while it lives (pool
+    /// connections; pgrelay's own replication connections are not counted).
+    pub counted: Option<super::pool::Counted>,
 }
 
 impl BackendConn {
@@ -171,6 +174,7 @@ impl BackendConn {
             secret: 0,
             params: Vec::new(),
             user: user.to_owned(),
+            counted: None,
         };
         let mut params: Vec<(String, String)> = vec![("user".to_owned(), user.to_owned())];
         params.extend(startup_params.iter().filter(|(k, _)| k != "user").cloned());

@@ -259,13 +259,15 @@ pub async fn to_statement(config: &Config, databases: &[String]) -> Result<(), S
             .map_err(|e| format!("reading {db}'s sequences: {}", e.message))?;
         let set_sequences: String = sequences
             .iter()
-            .filter_map(|r| match (r.first().cloned().flatten(), r.get(1).cloned().flatten()) {
-                (Some(name), Some(value)) => Some(format!(
-                    "SELECT pg_catalog.setval({}, {value});",
-                    literal(&name)
-                )),
-                _ => None,
-            })
+            .filter_map(
+                |r| match (r.first().cloned().flatten(), r.get(1).cloned().flatten()) {
+                    (Some(name), Some(value)) => Some(format!(
+                        "SELECT pg_catalog.setval({}, {value});",
+                        literal(&name)
+                    )),
+                    _ => None,
+                },
+            )
             .collect();
         for f in followers(config) {
             let name = config.node_name(f);
@@ -287,7 +289,9 @@ pub async fn to_statement(config: &Config, databases: &[String]) -> Result<(), S
                     .query(&set_sequences)
                     .await
                     .map(|_| ())
-                    .map_err(|e| format!("setting sequences to the leader's values: {}", e.message));
+                    .map_err(|e| {
+                        format!("setting sequences to the leader's values: {}", e.message)
+                    });
             }
             if recorded.is_ok() {
                 recorded = follower_conn

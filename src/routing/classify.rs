@@ -66,6 +66,10 @@ pub struct Classification {
     /// INTO (possibly inside EXPLAIN ANALYZE or PREPARE). Decided from the first keyword only;
     /// [`super::ddl`] looks closer.
     pub ddl: bool,
+    /// The string did not lex, or the parser could not settle a statement the tokens left in
+    /// doubt: it is treated as a write (and so runs on the leader) only because pgrelay could
+    /// not tell. Counted in `pgrelay_parse_failures_total`.
+    pub parse_failed: bool,
 }
 
 /// A `BEGIN` / `START TRANSACTION`.
@@ -170,6 +174,7 @@ impl Classifier {
             writes: standard.writes || legacy.writes,
             pins_leader: standard.pins_leader || legacy.pins_leader,
             ddl: standard.ddl || legacy.ddl,
+            parse_failed: standard.parse_failed || legacy.parse_failed,
             ..standard
         }
     }
@@ -192,6 +197,7 @@ impl Classifier {
             out.pins_leader |= st.pins;
             out.ends_transaction |= st.ends_transaction;
             out.ddl |= st.ddl;
+            out.parse_failed |= st.parse_failed;
             if out.begin.is_none() {
                 out.begin = st.begin;
             }
@@ -328,9 +334,13 @@ impl Classifier {
                 _ => {}
             }
         }
-        if st.read && doubt && !parser_says_read(s.text()) {
-            st.read = false;
-            st.writes = true;
+        if st.read && doubt {
+            let verdict = parser_says_read(s.text());
+            if verdict != Some(true) {
+                st.read = false;
+                st.writes = true;
+                st.parse_failed = verdict.is_none();
+            }
         }
         st
     }
@@ -403,6 +413,7 @@ impl Classifier {
             writes: analyze && inner.writes,
             pins: analyze && inner.pins,
             ddl: analyze && inner.ddl,
+            parse_failed: inner.parse_failed,
             ..Stmt::default()
         }
     }
@@ -429,6 +440,7 @@ impl Classifier {
         let body = self.statement(s.from(i + 1), depth + 1);
         Stmt {
             ddl: body.ddl,
+            parse_failed: body.parse_failed,
             ..Stmt::session(SessionOp::Prepare {
                 name,
                 read_only: body.read,
@@ -525,6 +537,7 @@ impl Classification {
     fn unclassifiable() -> Self {
         Classification {
             writes: true,
+            parse_failed: true,
             ..Classification::default()
         }
     }
@@ -572,6 +585,8 @@ struct Stmt {
     execute: Option<String>,
     ends_transaction: bool,
     ddl: bool,
+    /// The parser failed on a statement the tokens left in doubt.
+    parse_failed: bool,
 }
 
 impl Stmt {
@@ -933,11 +948,12 @@ fn fold_ident<'b>(t: &Token, sql: &str, buf: &'b mut [u8; MAX_IDENT_BYTES]) -> O
 }
 
 /// Full parse for the doubtful case: a single query whose CTEs and body are all plain queries.
-/// Anything the parser does not understand is not a read.
-fn parser_says_read(text: &str) -> bool {
+/// None when the parser does not understand the text (Postgres syntax sqlparser lacks), which
+/// the caller must treat as not a read.
+fn parser_says_read(text: &str) -> Option<bool> {
     match Parser::parse_sql(&PostgreSqlDialect {}, text) {
-        Ok(stmts) => matches!(stmts.as_slice(), [Statement::Query(q)] if query_is_read(q)),
-        Err(_) => false,
+        Ok(stmts) => Some(matches!(stmts.as_slice(), [Statement::Query(q)] if query_is_read(q))),
+        Err(_) => None,
     }
 }
 
@@ -1133,6 +1149,29 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn parse_failures_are_writes_and_say_so() {
+        let c = classifier();
+        // Valid Postgres that sqlparser does not know (ROWS FROM), with a DML word in doubt.
+        let failed = c.classify(
+            "WITH a AS (SELECT 1 AS x) SELECT x AS update, g FROM a, ROWS FROM (generate_series(1, 2)) g",
+        );
+        assert!(failed.parse_failed && failed.writes && !failed.read_only);
+        let wrapped = c.classify(
+            "EXPLAIN WITH a AS (SELECT 1 AS x) SELECT x AS update FROM a, ROWS FROM (f()) g",
+        );
+        assert!(wrapped.parse_failed);
+        assert!(c.classify("SELECT 'unterminated").parse_failed);
+        // Settled by the parser, or never in doubt: no failure.
+        for sql in [
+            "WITH a AS (SELECT b update FROM t) SELECT * FROM a",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "SELECT * FROM ROWS FROM (generate_series(1, 2)) g",
+        ] {
+            assert!(!c.classify(sql).parse_failed, "{sql}");
+        }
     }
 
     #[test]

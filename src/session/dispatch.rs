@@ -42,6 +42,7 @@ impl Session {
                     }
                 }
                 let c = self.classifier.classify(sql);
+                self.count_parse_failure(&c);
                 let class = StatementClass::of(&c, &self.sql_prepared, sql);
                 if c.ddl && self.row_mode() {
                     let temp = self.may_have_temp(class.pins_leader);
@@ -62,7 +63,7 @@ impl Session {
                     self.load_classifier().await;
                 }
                 let may_refuse = self.open_unit.is_none();
-                let statement = match self.plan_parse(&frame, may_refuse)? {
+                let statement = match self.plan_parse(&frame, may_refuse, false)? {
                     Ok(statement) => statement,
                     Err(refusal) => return Ok(self.refuse_unit(refusal)),
                 };
@@ -243,15 +244,20 @@ impl Session {
     /// Plans a client's Parse under the session's replication mode: its class, and what the
     /// leader gets instead of the client's text (row-mode DDL, statement-mode rewrites). A
     /// refusal is `Err` when `may_refuse` (the unit is refused); otherwise the leader's Parse
-    /// has the server raise it when the statement runs.
+    /// has the server raise it when the statement runs. `replanning`: a statement prepared
+    /// before, planned again for a new replication mode (not counted as a new message).
     pub(super) fn plan_parse(
         &mut self,
         frame: &Frame,
         may_refuse: bool,
+        replanning: bool,
     ) -> Result<Result<Statement, ddl::Raise>, SessionEnd> {
         let body = frame.body();
         let parse = fe::parse_parse(&body).map_err(|e| self.protocol_violation(e.to_string()))?;
         let c = self.classifier.classify(parse.query);
+        if !replanning {
+            self.count_parse_failure(&c);
+        }
         let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
         let ddl = if c.ddl && self.row_mode() {
             let temp = self.may_have_temp(class.pins_leader);
@@ -533,6 +539,7 @@ impl Session {
             _ => {
                 backend.groups.push_back(Group {
                     forward: true,
+                    started: Some(std::time::Instant::now()),
                     ..Group::default()
                 });
                 match backend.groups.back_mut() {
@@ -648,6 +655,14 @@ impl Session {
             if let Some(group) = self.backend_mut(node).and_then(|b| b.groups.back_mut()) {
                 group.retry = Some(Box::new(unit));
             }
+        }
+    }
+
+    /// Counts a client statement the classifier could not parse (it runs on the leader), so
+    /// operators see how often routing fell back for want of understanding the SQL.
+    fn count_parse_failure(&self, c: &crate::routing::classify::Classification) {
+        if c.parse_failed {
+            self.shared.metrics.parse_failures.increment(1);
         }
     }
 

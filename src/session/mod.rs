@@ -212,6 +212,10 @@ struct Group {
     position_from_pending: bool,
     /// Statement mode: pgrelay's own log insert before a client's COMMIT.
     log_insert: bool,
+    /// When the client's unit was first written to the node: its ReadyForQuery (or the end
+    /// of the group that releases it) gives `pgrelay_query_duration_seconds`. None for
+    /// pgrelay's own groups, which the client did not ask for.
+    started: Option<std::time::Instant>,
     /// The error such an insert failed with, for the client.
     error_frame: Option<bytes::Bytes>,
 }

@@ -103,13 +103,10 @@ impl Session {
             };
             let raw = old.parse.clone();
             let frame = Frame::new(fe::tag::PARSE, raw.get(5..).unwrap_or_default());
-            match self.plan_parse(&frame, false) {
-                Ok(Ok(statement)) => {
-                    debug!(statement = %name, "planned again for the new mode");
-                    self.statements.insert(name, Arc::new(statement));
-                }
-                // Planned once already, so it parses; keep the old plan otherwise.
-                Ok(Err(_)) | Err(_) => {}
+            // Planned once already, so it parses; should it not, the old plan stays.
+            if let Ok(Ok(statement)) = self.plan_parse(&frame, false, true) {
+                debug!(statement = %name, "planned again for the new mode");
+                self.statements.insert(name, Arc::new(statement));
             }
         }
     }

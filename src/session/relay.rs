@@ -79,6 +79,7 @@ impl Session {
                 }
                 if let Some(ready) = &group.release {
                     self.emit(ready);
+                    self.record_duration(node, group.started);
                     return Ok(());
                 }
                 // DDL that succeeded outside a transaction block is emitted now, before
@@ -87,8 +88,10 @@ impl Session {
                 let release_later = group.forward && !group.ddl_emits.is_empty();
                 if release_later {
                     fe::query(&mut backend.conn.wbuf, &group.ddl_emits.join(";\n"));
+                    // The client's unit ends when the group that releases its reply does.
                     backend.groups.push_back(Group {
                         release: Some(frame.raw().clone()),
+                        started: group.started,
                         ..Group::default()
                     });
                 }
@@ -129,6 +132,7 @@ impl Session {
                 }
                 if !release_later {
                     self.emit(frame.raw());
+                    self.record_duration(node, group.started);
                 }
                 self.tx_status = status;
                 if !more_forwarding && self.open_unit.is_none() {
@@ -240,6 +244,17 @@ impl Session {
             self.emit(frame.raw());
         }
         Ok(())
+    }
+
+    /// Records how long a client's unit took on `node`, from its first message written there
+    /// to its last reply (`started` is None for pgrelay's own groups).
+    fn record_duration(&self, node: usize, started: Option<Instant>) {
+        if let Some(started) = started {
+            let leader = node == self.shared.nodes.leader();
+            self.shared
+                .metrics
+                .query_duration(leader, started.elapsed().as_secs_f64());
+        }
     }
 
     /// Sends bytes to the client, or holds them while a commit waits for followers.

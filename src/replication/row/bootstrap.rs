@@ -71,6 +71,8 @@ impl Bootstrap<'_> {
         let mut leader = self.in_snapshot().await?;
         let jobs = list_tables(&mut leader).await?;
         let total: u64 = jobs.iter().map(|j| j.estimate).sum();
+        // Dropped when the last worker and this function are done, whichever way they end.
+        let progress = Arc::new(Progress::start(self.metrics.clone(), jobs.len()));
         info!(follower = %self.follower_name, database = %self.database, tables = jobs.len(), estimated_rows = total, "copying tables");
         let queue = Arc::new(std::sync::Mutex::new(jobs));
         let copied = Arc::new(AtomicU64::new(0));
@@ -95,9 +97,9 @@ impl Bootstrap<'_> {
             let queue = queue.clone();
             let copied = copied.clone();
             let name = self.follower_name.to_owned();
-            let metrics = self.metrics.clone();
+            let progress = progress.clone();
             workers.spawn(async move {
-                copy_worker(w, leader, follower, queue, copied, total, name, metrics).await
+                copy_worker(w, leader, follower, queue, copied, total, name, progress).await
             });
         }
         while let Some(done) = workers.join_next().await {
@@ -306,6 +308,48 @@ async fn list_tables(leader: &mut BackendConn) -> Result<Vec<CopyJob>, RowError>
         .collect())
 }
 
+/// One bootstrap's share of the follower's bootstrap gauges: the tables it copies and those it
+/// copied. Several databases of one follower may bootstrap at once, so each adds its own and
+/// takes them back out when dropped; the gauges read 0 when no bootstrap runs, even one that
+/// failed half way.
+struct Progress {
+    metrics: Option<Arc<FollowerMetrics>>,
+    tables: usize,
+    copied: AtomicU64,
+}
+
+impl Progress {
+    fn start(metrics: Option<Arc<FollowerMetrics>>, tables: usize) -> Progress {
+        if let Some(m) = &metrics {
+            m.bootstrap_tables.increment(tables as f64);
+        }
+        Progress {
+            metrics,
+            tables,
+            copied: AtomicU64::new(0),
+        }
+    }
+
+    /// A table is copied, with `rows` rows.
+    fn table_done(&self, rows: u64) {
+        self.copied.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.bootstrap_rows.increment(rows);
+            m.bootstrap_tables_copied.increment(1.0);
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.bootstrap_tables.decrement(self.tables as f64);
+            m.bootstrap_tables_copied
+                .decrement(self.copied.load(Ordering::Relaxed) as f64);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn copy_worker(
     worker: usize,
@@ -315,7 +359,7 @@ async fn copy_worker(
     copied: Arc<AtomicU64>,
     total: u64,
     follower_name: String,
-    metrics: Option<Arc<FollowerMetrics>>,
+    progress: Arc<Progress>,
 ) -> Result<(), RowError> {
     loop {
         let job = match queue.lock() {
@@ -332,9 +376,7 @@ async fn copy_worker(
         let started = Instant::now();
         let rows = copy_table(&mut leader, &mut follower, &job.qualified).await?;
         let done = copied.fetch_add(rows, Ordering::Relaxed) + rows;
-        if let Some(m) = &metrics {
-            m.bootstrap_rows.increment(rows);
-        }
+        progress.table_done(rows);
         let percent = if total == 0 {
             100.0
         } else {
