@@ -41,6 +41,8 @@ const FED: &[&str] = &[
     "pgrelay_ack_wait_seconds_bucket",
     "pgrelay_apply_transactions_total",
     "pgrelay_apply_rows_total",
+    "pgrelay_query_duration_seconds_bucket",
+    "pgrelay_backend_connections",
 ];
 
 /// A Prometheus server of the test's own, scraping `targets` every second; killed (and its
