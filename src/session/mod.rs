@@ -324,6 +324,10 @@ pub(crate) struct Session {
     gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
     /// The config reload this session's config is from.
     generation: u64,
+    /// After a mode switch, prepared statements could not be planned for the new mode yet
+    /// (statement mode without the catalog): they raise an error until they are, which is
+    /// tried again at the next transaction.
+    replan: bool,
 }
 
 /// A commit whose reply waits until enough followers applied its position.
@@ -403,6 +407,7 @@ impl Session {
             log_failure: None,
             gate: None,
             generation,
+            replan: false,
         }
     }
 
@@ -462,7 +467,16 @@ impl Session {
     pub(super) async fn load_classifier(&mut self) {
         self.reload_classifier = false;
         self.classifier_generation = self.shared.classifiers.generation();
-        if let Some(c) = self.shared.classifiers.get(&self.database) {
+        let statement_mode =
+            self.config.replication.mode == crate::config::ReplicationMode::Statement;
+        // Statement mode needs the catalog: a classifier cached without one (loaded by a session
+        // that started just before a switch to statement mode) is loaded again.
+        if let Some(c) = self
+            .shared
+            .classifiers
+            .get(&self.database)
+            .filter(|c| !statement_mode || c.has_catalog())
+        {
             self.classifier = c;
             return;
         }

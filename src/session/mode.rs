@@ -35,6 +35,8 @@ impl Session {
         self.gate = Some(guard);
         if self.shared.control.generation() != self.generation {
             self.adopt_config().await;
+        } else if self.replan {
+            self.replan_statements().await;
         }
         Ok(())
     }
@@ -95,7 +97,17 @@ impl Session {
         self.ddl_portals.clear();
         self.pending_seq = None;
         self.log_failure = None;
+        self.replan_statements().await;
+    }
+
+    /// Plans every prepared statement again under the session's mode (the next use prepares it
+    /// again on each node, as after a replacement). Statement mode plans a write that needs the
+    /// catalog as an error while the catalog cannot be read, never as a write that would not
+    /// be logged; `replan` has it tried again.
+    async fn replan_statements(&mut self) {
+        self.reload_classifier = true;
         self.load_classifier().await;
+        self.replan = self.statement_mode() && !self.classifier.has_catalog();
         let names: Vec<String> = self.statements.keys().cloned().collect();
         for name in names {
             let Some(old) = self.statements.get(&name).cloned() else {
