@@ -189,7 +189,7 @@ CONF="$WORK/demo/pgrelay.toml"
 LEADER_PORT="$(awk '/^\[\[nodes\]\]/{role=""} /^role *=/{gsub(/"/,"",$3); role=$3} /^port *=/{if(role=="leader"){print $3; exit}}' "$CONF")"
 [[ "$LEADER_PORT" =~ ^[0-9]+$ ]] || die "cannot find the leader's port in $CONF"
 # The cluster superuser (for VACUUM and CHECKPOINT between workloads).
-SUPERUSER=pgrelay
+SUPERUSER=relay_admin  # the demo's superuser (see src/demo.rs)
 SUPERUSER_PASSWORD="$(awk -v u="$SUPERUSER" '/^\[\[users\]\]/{name=""} /^name *=/{gsub(/"/,"",$3); name=$3} /^password *=/{if(name==u){gsub(/"/,"",$3); print $3; exit}}' "$CONF")"
 [ -n "$SUPERUSER_PASSWORD" ] || die "cannot find the password of $SUPERUSER in $CONF"
 log "demo ready: leader 127.0.0.1:$LEADER_PORT, pgrelay (session routing) 127.0.0.1:$PORT_SESSION"

@@ -330,10 +330,32 @@ impl Metrics {
         }
     }
 
+    /// Folds recorded histogram samples into their buckets. Until then every sample is held
+    /// in memory, so this runs on a timer ([`upkeep`]) whether anyone scrapes or not.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
         self.handle.render()
+    }
+}
+
+/// How often [`upkeep`] folds histogram samples into buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs [`Metrics::run_upkeep`] every [`UPKEEP_INTERVAL`] until `stop` (the per-query latency
+/// histogram would otherwise keep every sample until the next scrape, and forever without one).
+pub async fn upkeep(metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => metrics.run_upkeep(),
+        }
     }
 }
 

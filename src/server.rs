@@ -224,6 +224,10 @@ impl Server {
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
         crate::control::start_replication(&shared).await;
+        background.spawn(metrics::upkeep(
+            shared.metrics.clone(),
+            stop_background.clone(),
+        ));
         background.spawn(crate::control::reload_on_sighup(
             shared.clone(),
             stop_background.clone(),
