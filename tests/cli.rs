@@ -256,7 +256,8 @@ fn statement_mode_demo_copies_the_leader_and_replays_every_write() {
 }
 
 /// `pgrelay demo --mode <mode>` with followers pgrelay fills itself: DDL and rows written
-/// through pgrelay reach both followers, and Ctrl-C stops everything.
+/// through pgrelay reach both followers, SIGHUP switches to the other mode (the demo reloads
+/// the config it wrote) and rows keep arriving, and Ctrl-C stops everything.
 fn demo_with_writable_followers(mode: &str) {
     let dir = pgrelay::cluster::test_dir(&format!("demo{mode}"));
     let port = pgrelay::cluster::free_port().unwrap();
@@ -340,6 +341,70 @@ fn demo_with_writable_followers(mode: &str) {
                     break;
                 }
                 assert!(Instant::now() < end, "follower {addr} did not get the rows");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        // The demo reloads the config it wrote on SIGHUP: switch to the other mode live, and
+        // the followers keep getting every row.
+        let path = dir.join("pgrelay.toml");
+        let other = if mode == "row" { "statement" } else { "row" };
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace(&format!("mode = \"{mode}\""), &format!("mode = \"{other}\"")),
+        )
+        .unwrap();
+        let config = pgrelay::config::Config::load(&path).unwrap();
+        let admin = config.users.iter().find(|u| u.admin).expect("the demo has an admin");
+        let (console, conn) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={port} user={} password={} dbname=pgrelay",
+                admin.name,
+                admin.password.expose()
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows = console.simple_query("SHOW MODE").await.unwrap();
+            let now = rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("mode") => {
+                    r.get(1).map(str::to_owned)
+                }
+                _ => None,
+            });
+            if now.as_deref() == Some(other) {
+                break;
+            }
+            assert!(Instant::now() < end, "the demo did not switch to {other} mode");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client
+            .batch_execute("INSERT INTO demo_t SELECT g, 'w' || g FROM generate_series(101, 110) g")
+            .await
+            .unwrap();
+        for addr in &followers {
+            let (host, fport) = addr.split_once(':').unwrap();
+            let conninfo = format!("host={host} port={fport} user=app password=app dbname=app");
+            let (f, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let end = Instant::now() + Duration::from_secs(30);
+            while f
+                .query_one("SELECT count(*) FROM demo_t", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                != 110
+            {
+                assert!(Instant::now() < end, "follower {addr} missed rows after the switch");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
