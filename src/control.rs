@@ -198,7 +198,7 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<Reloaded, ControlError> {
         switched: None,
     };
     if from == to {
-        shared.set_config(Arc::new(new));
+        put_in_force(shared, new);
     } else {
         if from == ReplicationMode::Physical || to == ReplicationMode::Physical {
             shared.metrics.mode_switch("refused");
@@ -221,8 +221,15 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<Reloaded, ControlError> {
             .map_err(ControlError::state)?;
         done.switched = Some((from, to, pause));
     }
-    shared.control.generation.fetch_add(1, Ordering::AcqRel);
     Ok(done)
+}
+
+/// Makes `config` the one in force, and tells sessions to take it at their next transaction.
+/// In a mode switch this happens while the gate is held, so no session starts a transaction
+/// under the new mode with the old config.
+fn put_in_force(shared: &Shared, config: Config) {
+    shared.set_config(Arc::new(config));
+    shared.control.generation.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Switches between row and statement mode: holds new transactions, lets open ones finish,
@@ -312,7 +319,7 @@ async fn carry_out(
     }
     shared.positions.reset(to == ReplicationMode::Statement);
     shared.metrics.set_mode(to.name());
-    shared.set_config(Arc::new(new));
+    put_in_force(shared, new);
     // After the new config: a classifier loaded from now on is for the new mode.
     shared.classifiers.invalidate_all();
     start_replication(shared).await;
