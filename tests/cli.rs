@@ -367,7 +367,7 @@ fn demo_with_writable_followers(mode: &str) {
         )
         .await
         .unwrap();
-        tokio::spawn(conn);
+        let console_conn = tokio::spawn(conn);
         // SAFETY: a signal to our own child.
         assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
         let end = Instant::now() + Duration::from_secs(60);
@@ -408,6 +408,9 @@ fn demo_with_writable_followers(mode: &str) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        // Log out of the console, as psql would when it quits.
+        drop(console);
+        let _ = console_conn.await;
     });
     let pids = postmaster_pids(&dir);
     assert_eq!(pids.len(), 3, "a leader and two followers");

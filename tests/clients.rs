@@ -620,3 +620,24 @@ async fn the_admin_console_answers_show_commands_for_admins_only() {
     .expect("refused");
     assert_eq!(sqlstate(&err), "42501", "{err:?}");
 }
+
+#[tokio::test]
+async fn an_open_console_session_does_not_keep_pgrelay_from_stopping() {
+    let c = cluster();
+    let proxy = start_running_proxy(proxy_config(
+        &c.leader,
+        &c.followers,
+        "shutdown_timeout = \"200ms\"\n",
+    ))
+    .await;
+    let console = connect_proxy(proxy.addr, "pgrelay").await;
+    console.simple_query("SHOW MODE").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), proxy.stop())
+        .await
+        .expect("pgrelay stops although a console session is open");
+    let err = console.simple_query("SHOW MODE").await.unwrap_err();
+    assert!(
+        err.is_closed() || sqlstate(&err) == "57P01",
+        "the console was told: {err:?}"
+    );
+}

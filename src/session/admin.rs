@@ -48,7 +48,20 @@ pub async fn serve(client: &mut Client, shared: &Arc<Shared>, pid: i32, secret: 
         if client.flush().await.is_err() {
             return;
         }
-        let frame = match client.read_frame().await {
+        let read = tokio::select! {
+            read = client.read_frame() => read,
+            // Like every session, the console ends when pgrelay shuts down.
+            _ = shared.shutdown.cancelled() => {
+                Report::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection because pgrelay is shutting down",
+                )
+                .write_error(&mut client.wbuf);
+                let _ = client.flush().await;
+                return;
+            }
+        };
+        let frame = match read {
             Ok(f) => f,
             Err(ClientError::Closed) => return,
             Err(_) => return,
