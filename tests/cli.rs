@@ -352,11 +352,18 @@ fn demo_with_writable_followers(mode: &str) {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(
             &path,
-            text.replace(&format!("mode = \"{mode}\""), &format!("mode = \"{other}\"")),
+            text.replace(
+                &format!("mode = \"{mode}\""),
+                &format!("mode = \"{other}\""),
+            ),
         )
         .unwrap();
         let config = pgrelay::config::Config::load(&path).unwrap();
-        let admin = config.users.iter().find(|u| u.admin).expect("the demo has an admin");
+        let admin = config
+            .users
+            .iter()
+            .find(|u| u.admin)
+            .expect("the demo has an admin");
         let (console, conn) = tokio_postgres::connect(
             &format!(
                 "host=127.0.0.1 port={port} user={} password={} dbname=pgrelay",
@@ -382,7 +389,10 @@ fn demo_with_writable_followers(mode: &str) {
             if now.as_deref() == Some(other) {
                 break;
             }
-            assert!(Instant::now() < end, "the demo did not switch to {other} mode");
+            assert!(
+                Instant::now() < end,
+                "the demo did not switch to {other} mode"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         client
@@ -404,7 +414,10 @@ fn demo_with_writable_followers(mode: &str) {
                 .get::<_, i64>(0)
                 != 110
             {
-                assert!(Instant::now() < end, "follower {addr} missed rows after the switch");
+                assert!(
+                    Instant::now() < end,
+                    "follower {addr} missed rows after the switch"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -530,19 +530,7 @@ async fn a_long_pipeline_without_sync_streams_instead_of_piling_up() {
 async fn the_admin_console_answers_show_commands_for_admins_only() {
     let addr = default_proxy().await;
     let c = connect_proxy(addr, "pgrelay").await;
-    let rows = |messages: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<Vec<String>> {
-        messages
-            .into_iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                    (0..r.len())
-                        .map(|i| r.get(i).unwrap_or("").to_owned())
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect()
-    };
+    let rows = text_rows;
     // The followers show up once pgrelay has polled them.
     wait_until(Duration::from_secs(10), || async {
         rows(c.simple_query("SHOW NODES").await.unwrap())

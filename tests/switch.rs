@@ -36,20 +36,7 @@ async fn console(addr: SocketAddr) -> tokio_postgres::Client {
 
 /// The console's answer to a command: rows of text cells.
 async fn ask(console: &tokio_postgres::Client, command: &str) -> Vec<Vec<String>> {
-    console
-        .simple_query(command)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("").to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+    common::text_rows(console.simple_query(command).await.unwrap())
 }
 
 /// The value of `key` in a two-column console answer.

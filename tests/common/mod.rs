@@ -385,3 +385,18 @@ pub async fn connect_proxy_with_messages(
     });
     (client, rx)
 }
+
+/// The rows of a simple query's answer as text (NULL as ""), e.g. the admin console's.
+pub fn text_rows(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<String>> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
