@@ -385,8 +385,9 @@ fn pause_holds_new_transactions_until_resume() {
             ),
             1
         );
-        // ... until RESUME.
-        admin.simple_query("RESUME").await.unwrap();
+        // ... until RESUME (through psql; PAUSE above went both ways).
+        let (ok, _, stderr) = psql_console(proxy.addr, "RESUME");
+        assert!(ok, "{stderr}");
         assert_eq!(write.await.unwrap(), 1);
         assert_eq!(
             count(
