@@ -13,8 +13,8 @@ mod common;
 use std::time::Duration;
 
 use common::row::{
-    assert_converged, leader_database, ledger_rows, load, row_cluster, row_config,
-    start_row_cluster, value_on, wait_bootstrapped, ProxyProcess,
+    assert_converged, leader_database, ledger_rows, load, reads_see_own_writes, row_cluster,
+    row_config, start_row_cluster, value_on, wait_bootstrapped, ProxyProcess,
 };
 use common::{
     connect_direct, connect_proxy, metric, pg_command, scrape, sqlstate, start_proxy_with_metrics,
@@ -262,52 +262,14 @@ async fn reads_after_writes_see_them_in_row_mode() {
     let (info, db) = setup("ryw").await;
     let (addr, metrics) = start_proxy_with_metrics(row_config(info, &db, "")).await;
     wait_bootstrapped(info, &db).await;
-    let mut tasks = Vec::new();
-    for worker in 0..4 {
-        let db = db.clone();
-        tasks.push(tokio::spawn(async move {
-            let c = connect_proxy(addr, &db).await;
-            let mut stale = 0;
-            for i in 0..50 {
-                let id = 10_000 + worker * 1000 + i;
-                c.execute("INSERT INTO accounts VALUES ($1, 1, 'ryw', 'ok')", &[&id])
-                    .await
-                    .unwrap();
-                let n: i64 = c
-                    .query_one("SELECT count(*) FROM accounts WHERE id = $1", &[&id])
-                    .await
-                    .unwrap()
-                    .get(0);
-                if n != 1 {
-                    stale += 1;
-                }
-            }
-            stale
-        }));
-    }
-    let mut stale = 0;
-    for t in tasks {
-        stale += t.await.unwrap();
-    }
-    assert_eq!(stale, 0, "reads that missed the session's own write");
-    let text = scrape(metrics).await;
-    let follower_reads: f64 = info
-        .followers
-        .iter()
-        .filter_map(|f| {
-            metric(
-                &text,
-                &format!(
-                    "pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}",
-                    f.name
-                ),
-            )
-        })
-        .sum();
-    assert!(
-        follower_reads >= 100.0,
-        "most reads served by followers: {follower_reads}\n{text}"
-    );
+    reads_see_own_writes(
+        info,
+        &db,
+        addr,
+        metrics,
+        "INSERT INTO accounts VALUES ($1, 1, 'ryw', 'ok')",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

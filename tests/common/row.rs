@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use pgrelay::cluster::{self, ClusterOptions, FollowerKind, LocalCluster, NodeInfo};
 
-use super::{block_on_fresh, connect_direct, proxy_config, ClusterInfo, PASSWORD, SUPERUSER};
+use super::{
+    block_on_fresh, connect_direct, connect_proxy, metric, proxy_config, scrape, ClusterInfo,
+    PASSWORD, SUPERUSER,
+};
 
 static ROW_CLUSTER: Mutex<Option<LocalCluster>> = Mutex::new(None);
 static ROW_INFO: OnceLock<ClusterInfo> = OnceLock::new();
@@ -393,4 +396,59 @@ pub async fn load(
         }
     }
     committed
+}
+
+/// 4 sessions each insert 50 accounts through pgrelay with `insert` (`$1` is the id) and read
+/// each back at once: none may miss its own write, and followers must serve most reads.
+pub async fn reads_see_own_writes(
+    info: &ClusterInfo,
+    db: &str,
+    addr: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    insert: &'static str,
+) {
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let db = db.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let c = connect_proxy(addr, &db).await;
+            let mut stale = 0;
+            for i in 0..50 {
+                let id = 10_000 + worker * 1000 + i;
+                c.execute(insert, &[&id]).await.unwrap();
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM accounts WHERE id = $1", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n != 1 {
+                    stale += 1;
+                }
+            }
+            stale
+        }));
+    }
+    let mut stale = 0;
+    for t in tasks {
+        stale += t.await.unwrap();
+    }
+    assert_eq!(stale, 0, "reads that missed the session's own write");
+    let text = scrape(metrics).await;
+    let follower_reads: f64 = info
+        .followers
+        .iter()
+        .filter_map(|f| {
+            metric(
+                &text,
+                &format!(
+                    "pgrelay_reads_total{{node=\"{}\",reason=\"consistency\"}}",
+                    f.name
+                ),
+            )
+        })
+        .sum();
+    assert!(
+        follower_reads >= 100.0,
+        "most reads served by followers: {follower_reads}\n{text}"
+    );
 }
