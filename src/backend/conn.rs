@@ -333,20 +333,26 @@ impl BackendConn {
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-                self.rbuf.reserve(16 * 1024);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the node closed the connection",
-                    )))
-                }
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            }
+            std::task::ready!(self.poll_fill(cx, 16 * 1024))?;
+        }
+    }
+
+    /// Reads what the node sent into the read buffer (growing it by `grow` when nearly full);
+    /// the end of the connection is an error.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, grow: usize) -> Poll<io::Result<()>> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(grow);
+        }
+        match std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.rbuf
+        ))? {
+            0 => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the node closed the connection",
+            ))),
+            _ => Poll::Ready(Ok(())),
         }
     }
 
@@ -401,24 +407,7 @@ impl BackendConn {
                     Poll::Pending => {
                         // Blocked writing: take in what the node has to say, then wait.
                         loop {
-                            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-                                self.rbuf.reserve(64 * 1024);
-                            }
-                            match tokio_util::io::poll_read_buf(
-                                Pin::new(&mut self.stream),
-                                cx,
-                                &mut self.rbuf,
-                            ) {
-                                Poll::Ready(Ok(0)) => {
-                                    return Poll::Ready(Err(io::Error::new(
-                                        io::ErrorKind::UnexpectedEof,
-                                        "the node closed the connection",
-                                    )))
-                                }
-                                Poll::Ready(Ok(_)) => {}
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                                Poll::Pending => return Poll::Pending,
-                            }
+                            std::task::ready!(self.poll_fill(cx, 64 * 1024))?;
                         }
                     }
                 }

@@ -915,16 +915,7 @@ fn lower<'b>(word: &str, buf: &'b mut [u8]) -> Option<&'b str> {
 fn fold_ident<'b>(t: &Token, sql: &str, buf: &'b mut [u8; MAX_IDENT_BYTES]) -> Option<&'b str> {
     let text = t.text(sql);
     let raw = if t.kind == TokenKind::QuotedIdent {
-        let unicode = text.starts_with(['u', 'U']);
-        let inner = text
-            .trim_start_matches(['u', 'U'])
-            .trim_start_matches('&')
-            .strip_prefix('"')?
-            .strip_suffix('"')?;
-        if unicode && inner.contains('\\') {
-            return None;
-        }
-        inner
+        t.quoted_ident_body(sql)?
     } else {
         text
     };

@@ -78,6 +78,25 @@ impl Token {
         sql.get(self.start..self.end).unwrap_or("")
     }
 
+    /// A quoted identifier's text between its quotes (`""` still doubled); None for another
+    /// kind of token, and for a `U&"…"` name with escapes (not decoded).
+    pub fn quoted_ident_body<'a>(&self, sql: &'a str) -> Option<&'a str> {
+        if self.kind != TokenKind::QuotedIdent {
+            return None;
+        }
+        let text = self.text(sql);
+        let unicode = text.starts_with(['u', 'U']);
+        let inner = text
+            .trim_start_matches(['u', 'U'])
+            .trim_start_matches('&')
+            .strip_prefix('"')?
+            .strip_suffix('"')?;
+        if unicode && inner.contains('\\') {
+            return None;
+        }
+        Some(inner)
+    }
+
     /// Comments carry no syntax (they may carry routing hints later, hence they are tokens).
     pub fn is_comment(&self) -> bool {
         matches!(self.kind, TokenKind::LineComment | TokenKind::BlockComment)

@@ -176,18 +176,7 @@ pub(super) fn ident_value(t: &Token, sql: &str) -> Option<String> {
     let text = t.text(sql);
     let value = match t.kind {
         TokenKind::Ident => text.to_ascii_lowercase(),
-        TokenKind::QuotedIdent => {
-            let unicode = text.starts_with(['u', 'U']);
-            let inner = text
-                .trim_start_matches(['u', 'U'])
-                .trim_start_matches('&')
-                .strip_prefix('"')?
-                .strip_suffix('"')?;
-            if unicode && inner.contains('\\') {
-                return None;
-            }
-            inner.replace("\"\"", "\"")
-        }
+        TokenKind::QuotedIdent => t.quoted_ident_body(sql)?.replace("\"\"", "\""),
         _ => return None,
     };
     let mut cut = value.len().min(MAX_IDENT_BYTES);
