@@ -79,51 +79,18 @@ fi
 export PATH="$PGBIN:$PATH" PGRELAY_PG_BIN="$PGBIN"
 export PGHOST=127.0.0.1 PGUSER="$SUPERUSER" PGPASSWORD="$SUPERUSER_PASSWORD" PGDATABASE="$DB" PGCONNECT_TIMEOUT=10
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+. "$ROOT/bench/lib.sh"
 # Inside a configuration's subshell, the message also goes to its error file for the summary.
 die() {
     log "error: $*"
     [ -z "${ERR_FILE:-}" ] || printf '%s\n' "$*" >>"$ERR_FILE"
     exit 1
 }
-now() { date +%s.%N; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-
-# Postgres refuses to run as root.
-as_pg() {
-    if [ "$(id -u)" = 0 ]; then runuser -u "$PG_OS_USER" -- "$@"; else "$@"; fi
-}
-
-# q PORT DB SQL: one statement, unaligned output, errors fatal.
-q() { psql -X -q -At -v ON_ERROR_STOP=1 -p "$1" -d "$2" -c "$3"; }
 
 WORK=""
 PGRELAY_PID=""
 BG_PIDS=()
-
-# Sends a signal to a pid and waits up to $2 seconds, then SIGKILL.
-stop_pid() {
-    local pid="$1" grace="$2" sig="${3:-TERM}" i
-    [ -n "$pid" ] || return 0
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -"$sig" "$pid" 2>/dev/null || true
-    for ((i = 0; i < grace * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    log "pid $pid did not stop in ${grace}s; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-stop_server() {
-    local dir="$1"
-    [ -f "$dir/postmaster.pid" ] || return 0
-    (cd "$WORK" && as_pg pg_ctl stop -D "$dir" -m fast -w -t 60 >/dev/null 2>&1) ||
-        (cd "$WORK" && as_pg pg_ctl stop -D "$dir" -m immediate -w -t 30 >/dev/null 2>&1) ||
-        kill -KILL "$(head -1 "$dir/postmaster.pid")" 2>/dev/null || true
-}
 
 # Every server this script started: each one's directory is $WORK/<name>/data.
 stop_all_servers() {
