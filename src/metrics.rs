@@ -48,6 +48,7 @@ pub const MODE_SWITCH_PAUSE_SECONDS: &str = "pgrelay_mode_switch_pause_seconds";
 pub const MODE_SWITCHES_TOTAL: &str = "pgrelay_mode_switches_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgrelay_config_reloads_total";
 pub const PAUSED: &str = "pgrelay_paused";
+pub const REPLICATION_REFUSED_TOTAL: &str = "pgrelay_replication_refused_total";
 
 /// Why a read went where it went (the `reason` label of `pgrelay_reads_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +113,22 @@ pub struct FollowerMetrics {
     pub bootstrap_tables: Gauge,
     /// Tables the running bootstrap has copied so far.
     pub bootstrap_tables_copied: Gauge,
+    /// Replication input refused, by reason (shared by every follower: the label is only
+    /// `reason`).
+    refused: Vec<(&'static str, Counter)>,
 }
+
+impl FollowerMetrics {
+    /// Counts replication input refused for `reason` (one of [`REFUSED_REASONS`]).
+    pub fn refused(&self, reason: &str) {
+        if let Some((_, c)) = self.refused.iter().find(|(r, _)| *r == reason) {
+            c.increment(1);
+        }
+    }
+}
+
+/// The `reason` label values of `pgrelay_replication_refused_total`.
+pub const REFUSED_REASONS: [&str; 4] = ["unsigned", "signature", "role", "statement"];
 
 /// Every metric pgrelay exports, registered once.
 pub struct Metrics {
@@ -208,6 +224,7 @@ impl Metrics {
                         statement_log_backlog: gauge(STATEMENT_LOG_BACKLOG, l()),
                         bootstrap_tables: gauge(BOOTSTRAP_TABLES, l()),
                         bootstrap_tables_copied: gauge(BOOTSTRAP_TABLES_COPIED, l()),
+                        refused: by(REPLICATION_REFUSED_TOTAL, "reason", &REFUSED_REASONS),
                     }
                 })
             })
@@ -276,6 +293,11 @@ impl Metrics {
         metrics.parse_failures.increment(0);
         for (_, c) in metrics.mode_switches.iter().chain(&metrics.config_reloads) {
             c.increment(0);
+        }
+        for reason in REFUSED_REASONS {
+            by(REPLICATION_REFUSED_TOTAL, "reason", &[reason])
+                .iter()
+                .for_each(|(_, c)| c.increment(0));
         }
         metrics.set_mode(config.replication.mode.name());
         metrics.paused.set(0.0);

@@ -33,6 +33,8 @@ pub struct Shared {
     pub classifiers: ClassifierCache,
     /// Statement mode: databases whose statement log this process has set up on the leader.
     pub statement_logs: Mutex<std::collections::HashSet<String>>,
+    /// Row mode: the key that signs the DDL messages sessions write into the leader's WAL.
+    pub message_key: crate::replication::row::message_key::SharedKey,
     /// Logged-in client sessions by pgrelay pid, for the admin console's `SHOW CLIENTS`.
     pub clients: Mutex<HashMap<i32, ClientInfo>>,
     pub shutdown: CancellationToken,
@@ -188,6 +190,7 @@ impl Server {
             cancels: CancelRegistry::default(),
             classifiers: ClassifierCache::default(),
             statement_logs: Mutex::new(std::collections::HashSet::new()),
+            message_key: Default::default(),
             clients: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             client_connections: AtomicUsize::new(0),

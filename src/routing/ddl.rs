@@ -23,14 +23,20 @@
 
 use super::lexer::{Lexer, StringMode, Token, TokenKind};
 
-/// The prefix of pgrelay's DDL messages in the leader's WAL. The content is three parts
-/// separated by newlines: the role that ran the statement (`current_user`, so the objects get
-/// the same owner on the followers), the schemas its `search_path` resolved to
+/// The prefix of pgrelay's DDL messages in the leader's WAL. The content is six parts
+/// separated by newlines: [`MESSAGE_VERSION`]; the signature (HMAC-SHA256 in hex, see
+/// `crate::replication::row::message_key`) over the next part and the last; the role the
+/// session logged in as; the role that ran the statement (`current_user`, so the objects get
+/// the same owner on the followers); the schemas its `search_path` resolved to
 /// (`current_schemas(false)`, each quoted: `"$user"` means the leader's user, whatever schemas
-/// a follower has), and the text of one statement.
+/// a follower has); and the text of one statement.
 pub const MESSAGE_PREFIX: &str = "pgrelay.ddl";
 
-/// The SQL expression for the first two parts of a DDL message, each followed by a newline.
+/// The first part of a DDL message: its format.
+pub const MESSAGE_VERSION: &str = "v2";
+
+/// The SQL expression for the role and schemas parts of a DDL message, each followed by a
+/// newline.
 pub const MESSAGE_HEADER_SQL: &str = "current_user || E'\\n' || \
      coalesce((SELECT pg_catalog.string_agg(pg_catalog.quote_ident(s), ', ') \
      FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) AS s), '') || E'\\n'";
@@ -676,6 +682,31 @@ fn is_temp_schema(name: &str) -> bool {
     name.trim_start_matches('"')
         .get(..7)
         .is_some_and(|p| p.eq_ignore_ascii_case("pg_temp"))
+}
+
+/// A dollar-quote tag (`$base$`, `$base1$`, ...) that quotes each of `texts` intact: its first
+/// occurrence in `text` followed by the tag is that closing tag.
+pub fn dollar_tag(base: &str, texts: &[&str]) -> String {
+    let fits = |tag: &str| {
+        texts.iter().all(|t| {
+            let mut quoted = String::with_capacity(t.len() + tag.len());
+            quoted.push_str(t);
+            quoted.push_str(tag);
+            quoted.find(tag) == Some(t.len())
+        })
+    };
+    let mut n = 0usize;
+    loop {
+        let tag = if n == 0 {
+            format!("${base}$")
+        } else {
+            format!("${base}{n}$")
+        };
+        if fits(&tag) {
+            return tag;
+        }
+        n += 1;
+    }
 }
 
 #[cfg(test)]

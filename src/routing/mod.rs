@@ -7,6 +7,7 @@
 //! - [`functions`]: the function calls that keep a statement on the leader.
 //! - [`classifiers`]: one classifier per database, with that database's writing functions.
 //! - [`nodes`]: the nodes and whether each is available.
+//! - [`own_schema`]: client statements that name pgrelay's own schema (refused).
 pub mod classifiers;
 pub mod classify;
 pub mod ddl;
@@ -14,5 +15,6 @@ pub mod determinism;
 pub mod functions;
 pub mod lexer;
 pub mod nodes;
+pub mod own_schema;
 
 pub use nodes::NodeRegistry;

@@ -26,12 +26,39 @@ use tracing::warn;
 use crate::protocol::backend::{self as be, tag};
 use crate::protocol::codec::Frame;
 use crate::protocol::frontend as fe;
+use crate::protocol::sqlstate::{self, SqlState};
 use crate::routing::classify::statement_spans;
-use crate::routing::ddl::{self as rddl, Ddl, Refusal, MESSAGE_HEADER_SQL, MESSAGE_PREFIX};
+pub use crate::routing::ddl::dollar_tag;
+use crate::replication::row::message_key::MessageKey;
+use crate::routing::ddl::{
+    self as rddl, Ddl, Refusal, MESSAGE_HEADER_SQL, MESSAGE_PREFIX, MESSAGE_VERSION,
+};
 use crate::routing::lexer::StringMode;
 
 use super::unit::Unit;
 use super::{Flow, Group, Session, SessionEnd};
+
+/// What a session signs its DDL messages with: the key the appliers check
+/// ([`crate::replication::row::message_key`]) and the role the session logged in as.
+#[derive(Debug, Clone)]
+pub struct Signer {
+    pub key: MessageKey,
+    pub login: String,
+}
+
+impl Signer {
+    /// The SQL expression of a message's content up to the statement's text (which follows
+    /// after `||`): format, signature, login role, then the role and schemas on the leader.
+    fn header(&self, statement: &str) -> String {
+        let q = dollar_tag("login", &[&self.login]);
+        format!(
+            "'{MESSAGE_VERSION}' || E'\\n' || '{}' || E'\\n' || {q}{}{q} || E'\\n' || \
+             {MESSAGE_HEADER_SQL}",
+            self.key.sign(&self.login, statement),
+            self.login
+        )
+    }
+}
 
 /// What pgrelay does with the replies to one statement it changed.
 #[derive(Debug, PartialEq, Eq)]
@@ -107,7 +134,7 @@ const AMBIGUOUS: Refusal = Refusal {
 
 /// Rewrites the DDL statements of a simple query string; None if nothing changes or the string
 /// does not lex (the server rejects it). `temp_check`: the session may have temporary relations.
-pub fn rewrite_query(sql: &str, temp_check: bool) -> Option<QueryRewrite> {
+pub fn rewrite_query(sql: &str, temp_check: bool, signer: &Signer) -> Option<QueryRewrite> {
     let spans = statement_spans(sql, StringMode::Standard).ok()?;
     if sql.contains('\\') {
         if let Ok(legacy) = statement_spans(sql, StringMode::Backslash) {
@@ -124,7 +151,7 @@ pub fn rewrite_query(sql: &str, temp_check: bool) -> Option<QueryRewrite> {
     let mut copied = 0;
     for (i, &(start, end)) in spans.iter().enumerate() {
         let statement = sql.get(start..end).unwrap_or("");
-        let (replacement, reply) = match plan_statement(statement, temp_check) {
+        let (replacement, reply) = match plan_statement(statement, temp_check, signer) {
             Planned::Keep => continue,
             Planned::EmitAfter(sql) => (None, Reply::EmitAfter { sql }),
             Planned::Refused(refusal) => (Some(raise_block(refusal)), Reply::Refused),
@@ -154,7 +181,7 @@ pub fn rewrite_query(sql: &str, temp_check: bool) -> Option<QueryRewrite> {
 }
 
 /// Plans a Parse's statement. `temp_check` as for [`rewrite_query`].
-pub fn plan_parse(parse: &fe::ParseMsg<'_>, temp_check: bool) -> ParsePlan {
+pub fn plan_parse(parse: &fe::ParseMsg<'_>, temp_check: bool, signer: &Signer) -> ParsePlan {
     let sql = parse.query;
     let Ok(spans) = statement_spans(sql, StringMode::Standard) else {
         return ParsePlan::Keep;
@@ -174,7 +201,7 @@ pub fn plan_parse(parse: &fe::ParseMsg<'_>, temp_check: bool) -> ParsePlan {
         fe::parse(&mut out, parse.name, &text, &[]);
         out.freeze()
     };
-    match plan_statement(statement, temp_check) {
+    match plan_statement(statement, temp_check, signer) {
         Planned::Keep => ParsePlan::Keep,
         Planned::EmitAfter(sql) => ParsePlan::Statement(StatementDdl {
             parse: None,
@@ -221,7 +248,7 @@ enum Planned {
     Refused(Refusal),
 }
 
-fn plan_statement(statement: &str, temp_check: bool) -> Planned {
+fn plan_statement(statement: &str, temp_check: bool, signer: &Signer) -> Planned {
     let relations = |r: &rddl::Replicated| {
         if temp_check {
             r.relations.clone()
@@ -231,8 +258,10 @@ fn plan_statement(statement: &str, temp_check: bool) -> Planned {
     };
     match rddl::analyze(statement) {
         Ddl::Local => Planned::Keep,
-        Ddl::Transactional(r) => Planned::Wrapped(wrap(statement, &relations(&r)), r.tag),
-        Ddl::AfterSuccess(r) => Planned::EmitAfter(emit_after(statement, &relations(&r))),
+        Ddl::Transactional(r) => Planned::Wrapped(wrap(statement, &relations(&r), signer), r.tag),
+        Ddl::AfterSuccess(r) => {
+            Planned::EmitAfter(emit_after(statement, &relations(&r), signer))
+        }
         Ddl::Refused(refusal) => Planned::Refused(refusal),
     }
 }
@@ -247,14 +276,15 @@ pub struct Wrapped {
 
 /// The DO block that emits `statement` into the WAL and runs it; with `relations`, only if
 /// none of them is temporary before or after it ran.
-pub fn wrap(statement: &str, relations: &[String]) -> Wrapped {
+pub fn wrap(statement: &str, relations: &[String], signer: &Signer) -> Wrapped {
     let mut texts: Vec<&str> = vec![statement];
     texts.extend(relations.iter().map(String::as_str));
     let q = dollar_tag("ddl", &texts);
     let literal = format!("{q}{statement}{q}");
     let emit = format!(
         "PERFORM pg_catalog.pg_logical_emit_message(true, '{MESSAGE_PREFIX}', \
-         {MESSAGE_HEADER_SQL} || {literal});"
+         {} || {literal});",
+        signer.header(statement)
     );
     let execute = format!("EXECUTE {literal};");
     let body = if relations.is_empty() {
@@ -280,13 +310,14 @@ pub fn wrap(statement: &str, relations: &[String]) -> Wrapped {
 }
 
 /// The query that emits a statement that ran outside a transaction block, once it succeeded.
-pub fn emit_after(statement: &str, relations: &[String]) -> String {
+pub fn emit_after(statement: &str, relations: &[String], signer: &Signer) -> String {
     let mut texts: Vec<&str> = vec![statement];
     texts.extend(relations.iter().map(String::as_str));
     let q = dollar_tag("ddl", &texts);
     let mut sql = format!(
         "SELECT pg_catalog.pg_logical_emit_message(false, '{MESSAGE_PREFIX}', \
-         {MESSAGE_HEADER_SQL} || {q}{statement}{q})"
+         {} || {q}{statement}{q})",
+        signer.header(statement)
     );
     if !relations.is_empty() {
         sql.push_str(" WHERE NOT ");
@@ -312,9 +343,11 @@ pub fn raise_block(refusal: Refusal) -> String {
     raise_sql(&Raise::from(refusal))
 }
 
-/// A refusal pgrelay has the server raise (SQLSTATE 0A000), with text made at run time.
+/// A refusal pgrelay has the server raise (SQLSTATE `code`: 0A000 unless said otherwise),
+/// with text made at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Raise {
+    pub code: SqlState,
     pub message: String,
     pub detail: String,
     pub hint: String,
@@ -323,6 +356,7 @@ pub struct Raise {
 impl From<Refusal> for Raise {
     fn from(r: Refusal) -> Self {
         Raise {
+            code: sqlstate::FEATURE_NOT_SUPPORTED,
             message: r.message.to_owned(),
             detail: r.detail.to_owned(),
             hint: r.hint.to_owned(),
@@ -330,43 +364,41 @@ impl From<Refusal> for Raise {
     }
 }
 
+/// The refusal of DDL while the key that signs its message could not be read from the leader.
+pub fn no_message_key() -> Raise {
+    Raise {
+        code: sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        message: "pgrelay could not read its message key from the leader, so it cannot replicate DDL in row mode yet".into(),
+        detail: "Row mode signs every DDL statement it writes into the leader's WAL with a key kept on the leader.".into(),
+        hint: "Check that replication.user can connect to the leader; pgrelay tries again with the next statement.".into(),
+    }
+}
+
+/// The refusal of a client statement that names an object in pgrelay's own schema
+/// ([`crate::routing::own_schema`]), in every replication mode.
+pub fn own_schema_refusal() -> Raise {
+    Raise {
+        code: sqlstate::INSUFFICIENT_PRIVILEGE,
+        message: "permission denied for schema pgrelay".into(),
+        detail: "The schema pgrelay holds pgrelay's replication state (the statement log, the \
+                 applied positions); statements sent through pgrelay may not name it."
+            .into(),
+        hint: "pgrelay maintains this schema itself; see Security in pgrelay's README.".into(),
+    }
+}
+
 /// A DO block that raises `refusal`.
 pub fn raise_sql(refusal: &Raise) -> String {
     let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
     let body = format!(
-        "BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}, \
-         DETAIL = {}, HINT = {}; END",
+        "BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, DETAIL = {}, HINT = {}; END",
+        literal(refusal.code.code()),
         literal(&refusal.message),
         literal(&refusal.detail),
         literal(&refusal.hint)
     );
     let o = dollar_tag("pgrelay", &[&body]);
     format!("DO {o}{body}{o}")
-}
-
-/// A dollar-quote tag (`$base$`, `$base1$`, ...) that quotes each of `texts` intact: its first
-/// occurrence in `text` followed by the tag is that closing tag.
-pub fn dollar_tag(base: &str, texts: &[&str]) -> String {
-    let fits = |tag: &str| {
-        texts.iter().all(|t| {
-            let mut quoted = String::with_capacity(t.len() + tag.len());
-            quoted.push_str(t);
-            quoted.push_str(tag);
-            quoted.find(tag) == Some(t.len())
-        })
-    };
-    let mut n = 0usize;
-    loop {
-        let tag = if n == 0 {
-            format!("${base}$")
-        } else {
-            format!("${base}{n}$")
-        };
-        if fits(&tag) {
-            return tag;
-        }
-        n += 1;
-    }
 }
 
 /// The context line a DO block adds to what a statement it runs with EXECUTE reports.
@@ -497,6 +529,25 @@ impl Session {
         self.config.replication.mode == crate::config::ReplicationMode::Row
     }
 
+    /// What the session signs its DDL messages with; None until the key is read from the
+    /// leader ([`Session::load_message_key`]).
+    pub(super) fn signer(&self) -> Option<Signer> {
+        Some(Signer {
+            key: self.shared.message_key.loaded()?.clone(),
+            login: self.key.user.clone(),
+        })
+    }
+
+    /// Reads the message key from the leader unless it was read already (once per process).
+    pub(super) async fn load_message_key(&mut self) {
+        if self.shared.message_key.loaded().is_none() {
+            let config = self.config.clone();
+            if let Err(e) = self.shared.message_key.get(&config).await {
+                warn!(error = %e, "cannot read the key that signs DDL messages");
+            }
+        }
+    }
+
     /// Whether the session may have temporary relations (it is pinned to the leader for them,
     /// or the unit pins it).
     pub(super) fn may_have_temp(&self, pins: bool) -> bool {
@@ -506,10 +557,13 @@ impl Session {
     /// Plans the rewrite of a simple query that the classifier flagged, before it joins the
     /// unit as its next frame.
     pub(super) fn plan_query_ddl(&mut self, sql: &str, temp_check: bool) {
-        let Some(rewrite) = rewrite_query(sql, temp_check) else {
+        let frame = self.unit.frames.len();
+        let Some(signer) = self.signer() else {
+            return self.refuse_query(frame, no_message_key());
+        };
+        let Some(rewrite) = rewrite_query(sql, temp_check, &signer) else {
             return;
         };
-        let frame = self.unit.frames.len();
         let mut out = BytesMut::new();
         fe::query(&mut out, &rewrite.sql);
         self.unit.rewrites.push((frame, out.freeze()));
@@ -611,16 +665,34 @@ mod tests {
             .collect()
     }
 
+    fn signer() -> Signer {
+        Signer {
+            key: MessageKey::from_bytes([3; 32]),
+            login: "app".into(),
+        }
+    }
+
+    #[test]
+    fn a_message_header_is_signed_for_the_login_and_statement() {
+        let h = signer().header("CREATE TABLE t ()");
+        let sig = signer().key.sign("app", "CREATE TABLE t ()");
+        assert_eq!(
+            h,
+            format!("'v2' || E'\\n' || '{sig}' || E'\\n' || $login$app$login$ || E'\\n' || {MESSAGE_HEADER_SQL}")
+        );
+    }
+
     #[test]
     fn wraps_a_statement() {
-        let w = wrap("alter table a add column c int", &[]);
+        let w = wrap("alter table a add column c int", &[], &signer());
         assert_eq!(
             w.sql,
             format!(
                 "DO $pgrelay$BEGIN PERFORM pg_catalog.pg_logical_emit_message(true, 'pgrelay.ddl', \
-                 {MESSAGE_HEADER_SQL} || \
+                 {} || \
                  $ddl$alter table a add column c int$ddl$); \
-                 EXECUTE $ddl$alter table a add column c int$ddl$; END$pgrelay$"
+                 EXECUTE $ddl$alter table a add column c int$ddl$; END$pgrelay$",
+                signer().header("alter table a add column c int")
             )
         );
         assert_eq!(w.execute_line, 1);
@@ -630,7 +702,7 @@ mod tests {
     fn quotes_survive_dollar_bodies() {
         let f = "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $ddl$ BEGIN RETURN \
                  '$$ $pgrelay$ $ddl'; END $ddl$";
-        let w = wrap(f, &[]);
+        let w = wrap(f, &[], &signer());
         assert!(w.sql.starts_with("DO $pgrelay1$BEGIN"), "{}", w.sql);
         // The whole block is one dollar string, whose body quotes the statement intact.
         let outer = dollar_strings(&w.sql);
@@ -639,7 +711,10 @@ mod tests {
             .strip_prefix("$pgrelay1$")
             .and_then(|b| b.strip_suffix("$pgrelay1$"))
             .unwrap();
-        let inner = dollar_strings(body);
+        let inner: Vec<&str> = dollar_strings(body)
+            .into_iter()
+            .filter(|s| !s.starts_with("$login$"))
+            .collect();
         assert_eq!(inner, vec![format!("$ddl1${f}$ddl1$"); 2]);
         // A statement ending in a tag's prefix does not end the quote early.
         let tag = dollar_tag("ddl", &["x$ddl"]);
@@ -650,9 +725,9 @@ mod tests {
 
     #[test]
     fn execute_line_counts_statement_lines() {
-        let w = wrap("CREATE TABLE t (\n a int\n)", &[]);
+        let w = wrap("CREATE TABLE t (\n a int\n)", &[], &signer());
         assert_eq!(w.execute_line, 3);
-        let w = wrap("DROP TABLE\n t", &["t".to_owned()]);
+        let w = wrap("DROP TABLE\n t", &["t".to_owned()], &signer());
         assert_eq!(w.execute_line, 1);
         assert!(
             w.sql.contains("pg_catalog.to_regclass($ddl$t$ddl$)"),
@@ -668,7 +743,7 @@ mod tests {
     fn rewrites_only_ddl_statements() {
         let sql = "/* pgrelay: leader */ CREATE TABLE m (a int); INSERT INTO m VALUES (1);\n\
                    alter table m add column b int ; SELECT 1";
-        let r = rewrite_query(sql, false).unwrap();
+        let r = rewrite_query(sql, false, &signer()).unwrap();
         let statements = crate::routing::classify::split_statements(&r.sql).unwrap();
         assert_eq!(statements.len(), 4, "{}", r.sql);
         assert!(r.sql.starts_with("/* pgrelay: leader */ DO $pgrelay$"));
@@ -695,41 +770,42 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            rewrite_query("SELECT 1; INSERT INTO t VALUES (1)", false),
+            rewrite_query("SELECT 1; INSERT INTO t VALUES (1)", false, &signer()),
             None
         );
-        assert_eq!(rewrite_query("CREATE TEMP TABLE t (a int)", false), None);
-        assert_eq!(rewrite_query("SELECT 'x", false), None);
+        assert_eq!(rewrite_query("CREATE TEMP TABLE t (a int)", false, &signer()), None);
+        assert_eq!(rewrite_query("SELECT 'x", false, &signer()), None);
     }
 
     #[test]
     fn concurrently_and_refusals() {
-        let r = rewrite_query("CREATE INDEX CONCURRENTLY i ON t (a)", true).unwrap();
+        let r = rewrite_query("CREATE INDEX CONCURRENTLY i ON t (a)", true, &signer()).unwrap();
         assert_eq!(r.sql, "CREATE INDEX CONCURRENTLY i ON t (a)");
         match &r.replies[..] {
             [(0, Reply::EmitAfter { sql })] => assert_eq!(
                 sql,
                 &format!(
                     "SELECT pg_catalog.pg_logical_emit_message(false, 'pgrelay.ddl', \
-                     {MESSAGE_HEADER_SQL} || \
+                     {} || \
                      $ddl$CREATE INDEX CONCURRENTLY i ON t (a)$ddl$) WHERE NOT EXISTS (SELECT FROM \
                      pg_catalog.pg_class WHERE oid IN (pg_catalog.to_regclass($ddl$t$ddl$)) AND \
-                     relpersistence = 't')"
+                     relpersistence = 't')",
+                    signer().header("CREATE INDEX CONCURRENTLY i ON t (a)")
                 )
             ),
             other => panic!("{other:?}"),
         }
-        let r = rewrite_query("SELECT 1; CREATE TABLE x AS SELECT 2", false).unwrap();
-        assert!(r.sql.starts_with("SELECT 1; DO $pgrelay$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = 'CREATE TABLE ... AS is not supported in pgrelay''s row"), "{}", r.sql);
+        let r = rewrite_query("SELECT 1; CREATE TABLE x AS SELECT 2", false, &signer()).unwrap();
+        assert!(r.sql.starts_with("SELECT 1; DO $pgrelay$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = 'CREATE TABLE ... AS is not supported in pgrelay''s row"), "{}", r.sql);
         assert_eq!(r.replies, vec![(1, Reply::Refused)]);
         // Statement boundaries that depend on standard_conforming_strings.
-        let r = rewrite_query(r"SELECT 'a\'; CREATE TABLE x (); --'", false).unwrap();
+        let r = rewrite_query(r"SELECT 'a\'; CREATE TABLE x (); --'", false, &signer()).unwrap();
         assert!(
             r.sql.contains("cannot tell where the statements"),
             "{}",
             r.sql
         );
-        let r = rewrite_query(r"COMMENT ON TABLE t IS 'a\b'", false).unwrap();
+        let r = rewrite_query(r"COMMENT ON TABLE t IS 'a\b'", false, &signer()).unwrap();
         assert!(r.sql.starts_with("DO $pgrelay$BEGIN PERFORM"));
     }
 
@@ -743,7 +819,7 @@ mod tests {
 
     #[test]
     fn parse_plans() {
-        match plan_parse(&parse_msg("ALTER TABLE t ADD c int;", 0), false) {
+        match plan_parse(&parse_msg("ALTER TABLE t ADD c int;", 0), false, &signer()) {
             ParsePlan::Statement(StatementDdl {
                 parse: Some(bytes),
                 reply,
@@ -762,23 +838,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            plan_parse(&parse_msg("ALTER TABLE t ADD c int", 1), false),
+            plan_parse(&parse_msg("ALTER TABLE t ADD c int", 1), false, &signer()),
             ParsePlan::Keep
         ));
         assert!(matches!(
-            plan_parse(&parse_msg("SELECT $1::int INTO x", 0), false),
+            plan_parse(&parse_msg("SELECT $1::int INTO x", 0), false, &signer()),
             ParsePlan::RefuseUnit(_)
         ));
         assert!(matches!(
-            plan_parse(&parse_msg("CREATE TABLE x AS SELECT 1", 0), false),
+            plan_parse(&parse_msg("CREATE TABLE x AS SELECT 1", 0), false, &signer()),
             ParsePlan::Statement(StatementDdl { parse: Some(_), .. })
         ));
         assert!(matches!(
-            plan_parse(&parse_msg("DROP INDEX CONCURRENTLY i", 0), false),
+            plan_parse(&parse_msg("DROP INDEX CONCURRENTLY i", 0), false, &signer()),
             ParsePlan::Statement(StatementDdl { parse: None, .. })
         ));
         assert!(matches!(
-            plan_parse(&parse_msg("CREATE TABLE a (); CREATE TABLE b ()", 0), false),
+            plan_parse(&parse_msg("CREATE TABLE a (); CREATE TABLE b ()", 0), false, &signer()),
             ParsePlan::Keep
         ));
     }

@@ -13,6 +13,7 @@ use crate::protocol::sqlstate;
 
 use crate::config::{Ack, Consistency};
 use crate::replication::physical::LEADER_POSITION_SQL;
+use crate::routing::own_schema::names_own_schema;
 
 use super::ddl::{self, ParsePlan};
 use super::overrides;
@@ -44,12 +45,17 @@ impl Session {
                 let c = self.classifier.classify(sql);
                 self.count_parse_failure(&c);
                 let class = StatementClass::of(&c, &self.sql_prepared, sql);
-                if c.ddl && self.row_mode() {
-                    let temp = self.may_have_temp(class.pins_leader);
-                    self.plan_query_ddl(sql, temp);
-                }
-                if self.statement_mode() && statement::may_log(&c, sql) {
-                    self.plan_query_log(sql);
+                if names_own_schema(sql) {
+                    self.refuse_query(self.unit.frames.len(), ddl::own_schema_refusal());
+                } else {
+                    if c.ddl && self.row_mode() {
+                        self.load_message_key().await;
+                        let temp = self.may_have_temp(class.pins_leader);
+                        self.plan_query_ddl(sql, temp);
+                    }
+                    if self.statement_mode() && statement::may_log(&c, sql) {
+                        self.plan_query_log(sql);
+                    }
                 }
                 self.unit.merge(class);
                 self.unit.changes.extend(c.session_changes);
@@ -61,6 +67,16 @@ impl Session {
                 self.refresh_classifier();
                 if self.reload_classifier && self.statement_mode() {
                     self.load_classifier().await;
+                }
+                if self.row_mode() && self.shared.message_key.loaded().is_none() {
+                    // Only DDL needs the key: a statement is classified twice while it is
+                    // missing (the leader was unreachable so far).
+                    let body = frame.body();
+                    let parse = fe::parse_parse(&body)
+                        .map_err(|e| self.protocol_violation(e.to_string()))?;
+                    if self.classifier.classify(parse.query).ddl {
+                        self.load_message_key().await;
+                    }
                 }
                 let may_refuse = self.open_unit.is_none();
                 let statement = match self.plan_parse(&frame, may_refuse, false)? {
@@ -259,28 +275,35 @@ impl Session {
             self.count_parse_failure(&c);
         }
         let class = StatementClass::of(&c, &self.sql_prepared, parse.query);
-        let ddl = if c.ddl && self.row_mode() {
+        let own_schema = names_own_schema(parse.query);
+        if own_schema && may_refuse {
+            return Ok(Err(ddl::own_schema_refusal()));
+        }
+        let ddl = if own_schema {
+            Some(raised_at_execute(parse.name, &ddl::own_schema_refusal()))
+        } else if c.ddl && self.row_mode() {
             let temp = self.may_have_temp(class.pins_leader);
-            match ddl::plan_parse(&parse, temp) {
-                ParsePlan::Keep => None,
-                ParsePlan::Statement(d) => Some(Arc::new(d)),
-                ParsePlan::RefuseUnit(refusal) if may_refuse => return Ok(Err(refusal.into())),
-                ParsePlan::RefuseUnit(refusal) => {
+            match self.signer() {
+                None if may_refuse => return Ok(Err(ddl::no_message_key())),
+                None => Some(raised_at_execute(parse.name, &ddl::no_message_key())),
+                Some(signer) => match ddl::plan_parse(&parse, temp, &signer) {
+                    ParsePlan::Keep => None,
+                    ParsePlan::Statement(d) => Some(Arc::new(d)),
+                    ParsePlan::RefuseUnit(refusal) if may_refuse => {
+                        return Ok(Err(refusal.into()))
+                    }
                     // Part of the unit is on a node already: its Sync must go there. The
                     // server raises the refusal at Execute instead (a client that binds
                     // parameters is told they do not fit first).
-                    let mut out = bytes::BytesMut::new();
-                    fe::parse(&mut out, parse.name, &ddl::raise_block(refusal), &[]);
-                    Some(Arc::new(ddl::StatementDdl {
-                        parse: Some(out.freeze()),
-                        reply: Arc::new(ddl::Reply::Refused),
-                    }))
-                }
+                    ParsePlan::RefuseUnit(refusal) => {
+                        Some(raised_at_execute(parse.name, &refusal.into()))
+                    }
+                },
             }
         } else {
             None
         };
-        let (log, leader_parse) = if self.statement_mode() {
+        let (log, leader_parse) = if self.statement_mode() && !own_schema {
             match self.plan_parse_log(&body, parse.name, parse.query, &c) {
                 Ok(planned) => planned,
                 Err(refusal) if may_refuse => return Ok(Err(refusal)),
@@ -688,3 +711,14 @@ const WRITE: StatementClass = StatementClass {
     hint: None,
     copies: false,
 };
+
+/// A statement whose Parse the leader gets as a DO block that raises `refusal`, once it runs
+/// (part of the unit is on a node already, so the unit cannot be refused as a whole).
+fn raised_at_execute(name: &str, refusal: &ddl::Raise) -> Arc<ddl::StatementDdl> {
+    let mut out = bytes::BytesMut::new();
+    fe::parse(&mut out, name, &ddl::raise_sql(refusal), &[]);
+    Arc::new(ddl::StatementDdl {
+        parse: Some(out.freeze()),
+        reply: Arc::new(ddl::Reply::Refused),
+    })
+}

@@ -23,6 +23,7 @@ use crate::protocol::pgoutput::{
 
 use super::super::positions::{format_lsn, Position};
 use super::relations::{describe_sql, FollowerColumn, Table};
+use super::message_key::MessageKey;
 use super::setup::advance_sql;
 use super::RowError;
 
@@ -68,6 +69,8 @@ type StatementKey = (u32, u64, Op, Vec<usize>, Vec<usize>);
 
 pub struct Applier {
     conn: BackendConn,
+    /// Checks the signatures of DDL messages; without it every DDL message is refused.
+    key: Option<MessageKey>,
     follower: String,
     record_sql: String,
     /// The position the last group sent records (`pgrelay.advance` starts the next from it).
@@ -139,6 +142,7 @@ impl Applier {
     ) -> Applier {
         Applier {
             conn,
+            key: None,
             follower: follower.to_owned(),
             record_sql: advance_sql(source),
             recorded: applied,
@@ -162,6 +166,12 @@ impl Applier {
             group_end: None,
             group_transactions: 0,
         }
+    }
+
+    /// The key DDL messages must be signed with.
+    pub fn with_message_key(mut self, key: MessageKey) -> Applier {
+        self.key = Some(key);
+        self
     }
 
     /// Everything up to here is committed on the follower (or was nothing to apply).

@@ -8,6 +8,7 @@
 //! - [`apply`]: applying the stream, exactly once, recording the position on the follower.
 //! - [`relations`]: leader tables against follower tables, and the statements that apply rows.
 //! - `follower`: the task per follower that finds the databases and publishes its state.
+//! - [`message_key`]: the key that signs the DDL messages pgrelay writes into the WAL.
 //!
 //! One task per follower finds the databases to replicate and publishes the follower's
 //! position: the lowest position any of its databases has applied (each database is its own
@@ -17,6 +18,7 @@
 pub mod apply;
 pub mod bootstrap;
 pub(crate) mod follower;
+pub mod message_key;
 pub mod relations;
 pub mod setup;
 pub mod stream;
@@ -440,7 +442,9 @@ async fn replicate(
     };
     leader.terminate().await;
     stream.start(&slot, start).await?;
-    let mut applier = Applier::new(follower_conn, follower, &slot, start, metrics);
+    let key = message_key::load(config).await.map_err(RowError::Leader)?;
+    let mut applier =
+        Applier::new(follower_conn, follower, &slot, start, metrics).with_message_key(key);
     shared.update(database, |s| {
         s.ready = true;
         s.applied = Some(start);

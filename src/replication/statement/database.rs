@@ -246,7 +246,14 @@ async fn replicate(task: &mut DatabaseTask, follower: &str) -> Result<(), Replay
             )))
         }
     };
-    let mut replayer = Replayer::new(conn, follower, &database, applied, task.metrics.clone());
+    let mut replayer = Replayer::new(
+        conn,
+        config.clone(),
+        task.node,
+        &database,
+        applied,
+        task.metrics.clone(),
+    );
     let result = replay_loop(task, &mut leader, &mut replayer).await;
     if let Err(ReplayError::Diverged { message, .. }) = &result {
         // Stays stopped across retries and restarts until someone looks.

@@ -19,8 +19,9 @@
 //!   where the replayer sets `pgrelay.replaying = on` and `pgrelay.replay_values` to what the
 //!   leader recorded, they hand the recorded values out in the same order instead
 //!   (`pgrelay.nextval` also moves the follower's sequence to the leader's value, through
-//!   `pgrelay.replay_setval`, which runs with its owner's rights but only for a superuser
-//!   session such as the replayer's, so a role with just USAGE on a sequence replays). A replay that
+//!   `pgrelay.replay_setval`, which runs with its owner's rights, so a role with just USAGE on
+//!   a sequence replays, but only for a session user with USAGE or UPDATE on it, and only
+//!   forward, as far as `nextval` could have taken it anyway). A replay that
 //!   asks for more values than were recorded fails loudly rather than making one up.
 //!   Values set with `set_config(..., true)` are undone by `ROLLBACK TO SAVEPOINT`, like the
 //!   statements pgrelay drops from the log then.
@@ -71,11 +72,22 @@ $f$ SELECT pgrelay.take_value(pg_catalog.gen_random_uuid()::text)::uuid $f$;
 CREATE OR REPLACE FUNCTION pgrelay.replay_setval(seq regclass, v bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS
 $f$
+DECLARE
+  step bigint;
+  last bigint;
+  called boolean;
 BEGIN
-  IF NOT coalesce((SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user), false) THEN
-    RAISE EXCEPTION 'pgrelay.replay_setval is for pgrelay''s replayer' USING ERRCODE = '42501';
+  IF NOT pg_catalog.has_sequence_privilege(session_user, seq, 'USAGE, UPDATE') THEN
+    RAISE EXCEPTION 'permission denied for sequence %', seq USING ERRCODE = '42501';
   END IF;
-  RETURN pg_catalog.setval(seq, v, true);
+  SELECT seqincrement INTO step FROM pg_catalog.pg_sequence WHERE seqrelid = seq;
+  EXECUTE pg_catalog.format('SELECT last_value, is_called FROM %s', seq) INTO last, called;
+  -- Only forward, in the sequence's own direction: no further than nextval() could take it.
+  IF (step > 0 AND (v > last OR (v = last AND NOT called)))
+     OR (step < 0 AND (v < last OR (v = last AND NOT called))) THEN
+    PERFORM pg_catalog.setval(seq, v, true);
+  END IF;
+  RETURN v;
 END
 $f$;
 CREATE OR REPLACE FUNCTION pgrelay.nextval(seq regclass) RETURNS bigint LANGUAGE plpgsql VOLATILE AS
@@ -94,10 +106,12 @@ $f$;
 "#;
 
 /// Creates the log on the leader (with the functions), under [`SETUP_LOCK`], in one
-/// transaction: safe when several sessions or pgrelay processes race. Every role may insert
-/// (sessions log as the client's user) and read back only `seq`; a trigger records the
-/// inserting session's user as `role`, so an entry replays with no more rights than its
-/// author had on the leader.
+/// transaction: safe when several sessions or pgrelay processes race. No other role may read
+/// or write the log or its sequence: sessions log through `pgrelay.log_append`, which runs
+/// with its owner's rights (pgrelay's replication user), takes the ordering lock and the next
+/// `seq` itself and records the inserting session's user as `role`, so an entry replays with
+/// no more rights than its author had on the leader, and nobody can choose its `seq`.
+/// Earlier versions' trigger and grants to PUBLIC are removed.
 pub fn leader_setup_sql() -> String {
     format!(
         "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock({SETUP_LOCK}); {FUNCTIONS_SQL};
@@ -110,36 +124,45 @@ CREATE TABLE IF NOT EXISTS pgrelay.statement_log (
   statements jsonb NOT NULL,
   gen_values text,
   copy_data bytea[]);
-CREATE OR REPLACE FUNCTION pgrelay.statement_log_role() RETURNS trigger LANGUAGE plpgsql AS
-$f$ BEGIN NEW.role := session_user; RETURN NEW; END $f$;
 DROP TRIGGER IF EXISTS statement_log_role ON pgrelay.statement_log;
-CREATE TRIGGER statement_log_role BEFORE INSERT ON pgrelay.statement_log
-  FOR EACH ROW EXECUTE FUNCTION pgrelay.statement_log_role();
+DROP FUNCTION IF EXISTS pgrelay.statement_log_role();
 REVOKE ALL ON pgrelay.statement_log FROM PUBLIC;
-GRANT USAGE ON SCHEMA pgrelay TO PUBLIC;
-GRANT INSERT, SELECT (seq) ON pgrelay.statement_log TO PUBLIC;
-GRANT USAGE ON SEQUENCE pgrelay.statement_seq TO PUBLIC;
+REVOKE ALL ON SEQUENCE pgrelay.statement_seq FROM PUBLIC;
+CREATE OR REPLACE FUNCTION pgrelay.log_append(settings jsonb, statements jsonb, gen_values text,
+  copy_data bytea[]) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS
+$f$
+DECLARE
+  s bigint;
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock({ORDER_LOCK});
+  s := pg_catalog.nextval('pgrelay.statement_seq');
+  INSERT INTO pgrelay.statement_log (seq, role, settings, statements, gen_values, copy_data)
+    VALUES (s, session_user, settings, statements, gen_values, copy_data);
+  RETURN s;
+END
+$f$;
+REVOKE ALL ON FUNCTION pgrelay.log_append(jsonb, jsonb, text, bytea[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgrelay.log_append(jsonb, jsonb, text, bytea[]) TO PUBLIC;
 COMMIT"
     )
 }
 
-/// The insert a session sends just before the client's COMMIT (extended protocol; parameters:
-/// `$1` settings, `$2` statements, both JSON text; `$3` the COPY data as `bytea[]` text or
-/// NULL). It returns the entry's `seq`, the commit's position. The settings in force that
-/// change how text is read (time zone, date style, search path, string escapes, ...: the
-/// database's and role's defaults count too) and the transaction's time (`pgrelay.now()`, the
-/// leader's `now()` unless pgrelay set it) join the settings, so the replay reads the
-/// statements as the leader did.
-pub const INSERT_SQL: &str = "INSERT INTO pgrelay.statement_log \
-     (seq, role, settings, statements, gen_values, copy_data) \
-     VALUES (pg_catalog.nextval('pgrelay.statement_seq'), session_user, \
+/// The log entry a session appends just before the client's COMMIT (extended protocol;
+/// parameters: `$1` settings, `$2` statements, both JSON text; `$3` the COPY data as
+/// `bytea[]` text or NULL). It returns the entry's `seq` (column `seq`), the commit's
+/// position. The settings in force that change how text is read (time zone, date style,
+/// search path, string escapes, ...: the database's and role's defaults count too) and the
+/// transaction's time (`pgrelay.now()`, the leader's `now()` unless pgrelay set it) join the
+/// settings, so the replay reads the statements as the leader did.
+pub const INSERT_SQL: &str = "SELECT pgrelay.log_append( \
      $1::jsonb || (SELECT pg_catalog.jsonb_agg(pg_catalog.format( \
      'SELECT pg_catalog.set_config(%L, %L, true)', n, pg_catalog.current_setting(n))) \
      FROM pg_catalog.unnest(ARRAY['TimeZone', 'DateStyle', 'IntervalStyle', 'search_path', \
      'standard_conforming_strings', 'extra_float_digits', 'bytea_output']) AS n) \
      || pg_catalog.jsonb_build_array('SET LOCAL pgrelay.now = ' || pg_catalog.quote_literal( \
      pg_catalog.to_char(pgrelay.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00')), $2::jsonb, \
-     nullif(pg_catalog.current_setting('pgrelay.values', true), ''), $3::bytea[]) RETURNING seq";
+     nullif(pg_catalog.current_setting('pgrelay.values', true), ''), $3::bytea[]) AS seq";
 
 /// Takes the ordering lock (sent before the first write when `serialize_writes` is on, else
 /// right before [`INSERT_SQL`]).

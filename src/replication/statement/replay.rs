@@ -7,48 +7,60 @@
 //! reply is read (one round trip per batch). Inside an explicit transaction a Sync does not
 //! commit, so extended-protocol statements fit in. When a step fails, its transaction's COMMIT
 //! rolls back, and the entries after it fail too: their `seq` update expects the failed
-//! entry's `seq` (see [`advance_sql`]).
+//! entry's `seq` (see [`ADVANCE_SQL`]).
+//!
+//! An entry runs on a connection logged in as its author (the leader session's user, with
+//! its `[[users]]` password), never on pgrelay's superuser connection: `SET ROLE NONE`,
+//! `RESET ROLE` or `SET SESSION AUTHORIZATION` in the replayed text fall back to the author,
+//! so a replay can do on the follower exactly what its author could do on the leader. The
+//! seq moves in the entry's transaction through `pgrelay.replay_advance`, which only a
+//! connection pgrelay registered with a key may call ([`setup::REPLAY_ADVANCE_SQL`]).
+//! Consecutive entries of one author are pipelined together; the next author's entries wait
+//! for the previous commit, so commit order stays.
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-PIPELINING>
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::backend::BackendConn;
+use crate::backend::{connect_as, BackendConn};
+use crate::config::Config;
 use crate::metrics::FollowerMetrics;
 use crate::protocol::backend::{self as be, tag};
 use crate::protocol::frontend as fe;
 
-use super::super::row::setup::{ident, literal};
+use super::super::row::setup::literal;
 use super::entry::Entry;
-use super::log::APPLIED_SOURCE;
+use super::setup;
 use super::ReplayError;
 
 /// COPY data goes out in messages of at most this size.
 const COPY_CHUNK: usize = 64 * 1024;
 
-/// Moves the recorded seq from `from` to `to` in plain SQL; when the recorded seq is not
-/// `from`, the division by zero fails the statement, and so the transaction.
-pub fn advance_sql(from: u64, to: u64) -> String {
-    format!(
-        "WITH moved AS (UPDATE pgrelay.applied SET seq = {to}, updated_at = pg_catalog.now() \
-         WHERE source = {} AND seq = {from} RETURNING 1) \
-         SELECT 1 / (SELECT count(*)::int FROM moved)",
-        literal(APPLIED_SOURCE)
-    )
-}
+/// Moves the recorded seq from `$1` to `$2` (the replay connection's key is `$3`); when the
+/// recorded seq is not `$1`, the division by zero fails the statement, and so the transaction.
+pub const ADVANCE_SQL: &str =
+    "SELECT 1 / pgrelay.replay_advance($1::bigint, $2::bigint, $3::text)";
+
+/// Replay connections kept open per follower database (one per author); past it the others
+/// are closed.
+const MAX_AUTHORS: usize = 16;
+
+/// The first step of every entry: the author itself, whatever an earlier entry left set.
+const AS_AUTHOR_SQL: &str = "SET LOCAL SESSION AUTHORIZATION DEFAULT; SET LOCAL ROLE NONE";
 
 /// One part of a replayed transaction: what one ReadyForQuery ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Begin,
+    /// [`AS_AUTHOR_SQL`].
     Role,
     /// Index in `settings`, from 1.
     Setting(usize),
     Replaying,
     /// Index in `statements`, from 1.
     Statement(usize),
-    ResetRole,
     Advance,
     Commit,
 }
@@ -66,11 +78,10 @@ impl Step {
     fn describe(self) -> String {
         match self {
             Step::Begin => "BEGIN".into(),
-            Step::Role => "SET LOCAL ROLE".into(),
+            Step::Role => "SET LOCAL ROLE NONE".into(),
             Step::Setting(i) => format!("setting {i}"),
             Step::Replaying => "setting the generated values".into(),
             Step::Statement(i) => format!("statement {i}"),
-            Step::ResetRole => "RESET ROLE".into(),
             Step::Advance => "recording the seq".into(),
             Step::Commit => "COMMIT".into(),
         }
@@ -94,10 +105,19 @@ fn is_transient(code: &str) -> bool {
         || matches!(code, "40001" | "40P01" | "55P03" | "")
 }
 
-/// Replays entries into one follower database; holds its connection (which holds the
-/// replayer lock).
+/// A connection logged in as one author, and the key pgrelay registered for it.
+struct Author {
+    conn: BackendConn,
+    key: String,
+}
+
+/// Replays entries into one follower database; holds pgrelay's own connection there (which
+/// holds the replayer lock) and a connection per author.
 pub struct Replayer {
     conn: BackendConn,
+    config: Arc<Config>,
+    node: usize,
+    authors: HashMap<String, Author>,
     follower: String,
     database: String,
     /// The recorded seq: every entry up to it is committed on the follower.
@@ -106,17 +126,22 @@ pub struct Replayer {
 }
 
 impl Replayer {
-    /// `applied`: the seq the follower recorded.
+    /// `conn`: pgrelay's connection to follower `node`'s database; `applied`: the seq the
+    /// follower recorded.
     pub fn new(
         conn: BackendConn,
-        follower: &str,
+        config: Arc<Config>,
+        node: usize,
         database: &str,
         applied: u64,
         metrics: Option<Arc<FollowerMetrics>>,
     ) -> Replayer {
         Replayer {
             conn,
-            follower: follower.to_owned(),
+            follower: config.node_name(node),
+            config,
+            node,
+            authors: HashMap::new(),
             database: database.to_owned(),
             applied,
             metrics,
@@ -127,12 +152,15 @@ impl Replayer {
         self.applied
     }
 
-    /// The follower connection, idle between batches.
+    /// pgrelay's own follower connection, idle between batches.
     pub fn conn(&mut self) -> &mut BackendConn {
         &mut self.conn
     }
 
     pub async fn close(self) {
+        for (_, a) in self.authors {
+            a.conn.terminate().await;
+        }
         self.conn.terminate().await;
     }
 
@@ -143,37 +171,99 @@ impl Replayer {
         ))
     }
 
-    /// Applies `entries` (in `seq` order, all after [`Replayer::applied`]) in one round trip.
-    /// On an error, [`Replayer::applied`] still says what was committed before it.
-    /// Not cancel-safe: a cancelled batch leaves the connection mid-pipeline (drop it; the
-    /// follower rolls the open transaction back).
+    /// Applies `entries` (in `seq` order, all after [`Replayer::applied`]): one round trip per
+    /// run of consecutive entries of one author. On an error, [`Replayer::applied`] still
+    /// says what was committed before it.
+    /// Not cancel-safe: a cancelled batch leaves a connection mid-pipeline (drop the
+    /// replayer; the follower rolls the open transaction back).
     pub async fn apply(&mut self, entries: &[Entry]) -> Result<(), ReplayError> {
+        let mut rest = entries;
+        while let Some(first) = rest.first() {
+            let run = rest.iter().take_while(|e| e.role == first.role).count();
+            let (now, later) = rest.split_at(run);
+            self.apply_run(&first.role, now).await?;
+            rest = later;
+        }
+        Ok(())
+    }
+
+    /// The connection of `role`, opened and registered when there is none.
+    async fn open_author(&mut self, role: &str) -> Result<Author, ReplayError> {
+        if self.authors.len() >= MAX_AUTHORS {
+            for (_, a) in self.authors.drain() {
+                a.conn.terminate().await;
+            }
+        }
+        let mut conn = connect_as(
+            &self.config,
+            self.node,
+            &self.database,
+            role,
+            "pgrelay replay",
+            setup::FOLLOWER_OPTIONS,
+        )
+        .await
+        .map_err(|e| {
+            ReplayError::Setup(format!(
+                "follower \"{}\" database \"{}\": cannot replay the statements of role \
+                 \"{role}\", which pgrelay replays as that role: {e}",
+                self.follower, self.database
+            ))
+        })?;
+        let pid = conn
+            .query("SELECT pg_catalog.pg_backend_pid()")
+            .await
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|r| r.into_iter().next().flatten())
+            .and_then(|p| p.parse::<i32>().ok())
+            .ok_or_else(|| {
+                ReplayError::Follower(format!(
+                    "follower \"{}\": cannot read the replay connection's backend pid",
+                    self.follower
+                ))
+            })?;
+        let key = format!("{:032x}", rand::random::<u128>());
+        setup::register_replay_key(&mut self.conn, pid, &key).await?;
+        Ok(Author { conn, key })
+    }
+
+    /// Applies consecutive entries of `role` in one round trip on its connection.
+    async fn apply_run(&mut self, role: &str, entries: &[Entry]) -> Result<(), ReplayError> {
+        let mut author = match self.authors.remove(role) {
+            Some(a) => a,
+            None => self.open_author(role).await?,
+        };
         let mut steps: Vec<(u64, Step)> = Vec::new();
         let mut previous = self.applied;
         // An entry that cannot be queued stops the batch there: the entries before it are
         // applied, its own half-queued messages are dropped.
         let mut unqueued: Option<ReplayError> = None;
         for entry in entries {
-            let (bytes, queued) = (self.conn.wbuf.len(), steps.len());
-            if let Err(e) = queue_entry(&mut self.conn.wbuf, entry, previous, &mut steps) {
-                self.conn.wbuf.truncate(bytes);
+            let (bytes, queued) = (author.conn.wbuf.len(), steps.len());
+            let queuing = queue_entry(&mut author.conn.wbuf, entry, previous, &author.key, &mut steps);
+            if let Err(e) = queuing {
+                author.conn.wbuf.truncate(bytes);
                 steps.truncate(queued);
                 unqueued = Some(e);
                 break;
             }
             previous = entry.seq;
         }
-        self.conn
-            .flush_while_reading()
-            .await
-            .map_err(|e| self.io_error(e))?;
+        if let Err(e) = author.conn.flush_while_reading().await {
+            return Err(self.io_error(e));
+        }
         let mut failure: Option<Failure> = None;
         let mut entry_failed = false;
         for (seq, step) in steps {
             if step == Step::Begin {
                 entry_failed = false;
             }
-            let (error, complete) = self.read_until_ready().await?;
+            let (error, complete) = match read_until_ready(&mut author.conn).await {
+                Ok(r) => r,
+                // The connection is gone (and not kept).
+                Err(e) => return Err(self.io_error(e)),
+            };
             if let Some(f) = error {
                 entry_failed = true;
                 if failure.is_none() {
@@ -192,6 +282,7 @@ impl Replayer {
                 }
             }
         }
+        self.authors.insert(role.to_owned(), author);
         match (failure, unqueued) {
             (Some(f), _) => Err(self.classify(f)),
             (None, Some(e)) => Err(e),
@@ -224,42 +315,41 @@ impl Replayer {
         ReplayError::Follower(format!("{at}: {} (SQLSTATE {})", f.message, f.code))
     }
 
-    /// Reads replies up to the next ReadyForQuery: the first error among them, and the tag
-    /// of the last CommandComplete.
-    async fn read_until_ready(
-        &mut self,
-    ) -> Result<(Option<be::ErrorFields>, Option<String>), ReplayError> {
-        let mut error = None;
-        let mut complete = None;
-        loop {
-            let frame = match self.conn.read_frame().await {
-                Ok(f) => f,
-                Err(e) => return Err(self.io_error(e)),
-            };
-            match frame.tag() {
-                tag::ERROR_RESPONSE if error.is_none() => {
-                    error = Some(be::parse_error_fields(&frame.body()).unwrap_or_default());
-                }
-                tag::COMMAND_COMPLETE => {
-                    complete = be::parse_command_complete(&frame.body())
-                        .ok()
-                        .map(str::to_owned);
-                }
-                tag::READY_FOR_QUERY => return Ok((error, complete)),
-                // Rows, notices, CopyInResponse (the data is on its way already): nothing
-                // to do.
-                _ => {}
+}
+
+/// Reads replies up to the next ReadyForQuery: the first error among them, and the tag of the
+/// last CommandComplete.
+async fn read_until_ready(
+    conn: &mut BackendConn,
+) -> std::io::Result<(Option<be::ErrorFields>, Option<String>)> {
+    let mut error = None;
+    let mut complete = None;
+    loop {
+        let frame = conn.read_frame().await?;
+        match frame.tag() {
+            tag::ERROR_RESPONSE if error.is_none() => {
+                error = Some(be::parse_error_fields(&frame.body()).unwrap_or_default());
             }
+            tag::COMMAND_COMPLETE => {
+                complete = be::parse_command_complete(&frame.body())
+                    .ok()
+                    .map(str::to_owned);
+            }
+            tag::READY_FOR_QUERY => return Ok((error, complete)),
+            // Rows, notices, CopyInResponse (the data is on its way already): nothing to do.
+            _ => {}
         }
     }
 }
 
 /// Queues every message of one entry's transaction (the previous entry's seq is
-/// `previous`), and the steps whose replies follow, one per ReadyForQuery.
+/// `previous`, the connection's key `key`), and the steps whose replies follow, one per
+/// ReadyForQuery.
 fn queue_entry(
     out: &mut BytesMut,
     entry: &Entry,
     previous: u64,
+    key: &str,
     steps: &mut Vec<(u64, Step)>,
 ) -> Result<(), ReplayError> {
     let seq = entry.seq;
@@ -268,11 +358,7 @@ fn queue_entry(
         (seq, step)
     };
     steps.push(query(out, "BEGIN", Step::Begin));
-    steps.push(query(
-        out,
-        &format!("SET LOCAL ROLE {}", ident(&entry.role)),
-        Step::Role,
-    ));
+    steps.push(query(out, AS_AUTHOR_SQL, Step::Role));
     for (i, setting) in entry.settings.iter().enumerate() {
         steps.push(query(out, setting, Step::Setting(i + 1)));
     }
@@ -314,8 +400,15 @@ fn queue_entry(
             steps.push(query(out, &statement.sql, step));
         }
     }
-    steps.push(query(out, "RESET ROLE", Step::ResetRole));
-    steps.push(query(out, &advance_sql(previous, seq), Step::Advance));
+    // The key travels as a parameter: the replayed statements' session cannot read it from
+    // pg_stat_activity.
+    fe::parse(out, "", ADVANCE_SQL, &[]);
+    let (from, to) = (previous.to_string(), seq.to_string());
+    let params = [from.as_bytes(), to.as_bytes(), key.as_bytes()];
+    fe::bind(out, "", "", &[], params.into_iter().map(Some));
+    fe::execute(out);
+    fe::sync(out);
+    steps.push((seq, Step::Advance));
     steps.push(query(out, "COMMIT", Step::Commit));
     Ok(())
 }
@@ -326,14 +419,6 @@ mod tests {
     use super::*;
     use crate::protocol::codec::decode_frame;
     use crate::replication::statement::log::{Extended, LoggedStatement};
-
-    #[test]
-    fn the_seq_update_fails_unless_it_starts_from_the_previous_seq() {
-        let sql = advance_sql(4, 9);
-        assert!(sql.contains("SET seq = 9"), "{sql}");
-        assert!(sql.contains("AND seq = 4"), "{sql}");
-        assert!(sql.contains("1 / (SELECT count(*)"), "{sql}");
-    }
 
     /// The messages an entry becomes: (tag, text of the first field or the data).
     fn messages(mut out: BytesMut) -> Vec<(char, String)> {
@@ -379,17 +464,25 @@ mod tests {
         };
         let mut out = BytesMut::new();
         let mut steps = Vec::new();
-        queue_entry(&mut out, &entry, 9, &mut steps).unwrap();
+        queue_entry(&mut out, &entry, 9, "k3y", &mut steps).unwrap();
         let seen = messages(out);
         let tags: String = seen.iter().map(|(t, _)| *t).collect();
-        assert_eq!(tags, "QQQQPBESQdcQQQ");
+        assert_eq!(tags, "QQQQPBESQdcPBESQ");
         assert_eq!(seen[0].1, "BEGIN");
-        assert_eq!(seen[1].1, "SET LOCAL ROLE \"app\"");
+        // As the author, whatever an earlier entry set: no role to switch to or back from.
+        assert_eq!(seen[1].1, AS_AUTHOR_SQL);
         assert!(seen[3].1.contains("'7,'"), "{}", seen[3].1);
         assert_eq!(seen[9].1, "2\n");
-        assert_eq!(seen[11].1, "RESET ROLE");
-        assert!(seen[12].1.contains("SET seq = 12") && seen[12].1.contains("AND seq = 9"));
-        assert_eq!(seen[13].1, "COMMIT");
+        // The seq moves through the keyed function, the key only as a parameter.
+        assert_eq!(seen[11].1, ADVANCE_SQL);
+        let tail = String::from_utf8_lossy(&{
+            let mut out = BytesMut::new();
+            queue_entry(&mut out, &entry, 9, "k3y", &mut Vec::new()).unwrap();
+            out
+        })
+        .into_owned();
+        assert!(!tail.contains("k3y'") && tail.matches("k3y").count() == 1, "{tail}");
+        assert_eq!(seen[15].1, "COMMIT");
         // One step per ReadyForQuery to come: every Query, and the extended statement's Sync.
         assert_eq!(
             steps,
@@ -400,7 +493,6 @@ mod tests {
                 (12, Step::Replaying),
                 (12, Step::Statement(1)),
                 (12, Step::Statement(2)),
-                (12, Step::ResetRole),
                 (12, Step::Advance),
                 (12, Step::Commit),
             ]
@@ -408,7 +500,8 @@ mod tests {
         // COPY data that the entry does not have: nothing to replay.
         let mut broken = entry.clone();
         broken.copy_data.clear();
-        let err = queue_entry(&mut BytesMut::new(), &broken, 9, &mut Vec::new()).unwrap_err();
+        let err =
+            queue_entry(&mut BytesMut::new(), &broken, 9, "k", &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("seq 12 statement 2"), "{err}");
     }
 

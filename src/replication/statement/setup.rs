@@ -66,11 +66,59 @@ pub async fn recorded_seq(conn: &mut BackendConn) -> Result<Option<u64>, ReplayE
     }
 }
 
+/// What lets a replay connection, logged in as the entry's author, move the recorded seq
+/// in the entry's own transaction and nothing else: `pgrelay.replay_advance` runs with its
+/// owner's rights (pgrelay's replication user) but only for a session whose backend pid and
+/// key pgrelay registered in `pgrelay.replay_keys` through its own connection. The key is
+/// sent as a parameter, never in query text, and no other role can read the table; so the
+/// replayed statements, which run before it in that session, cannot move the seq themselves.
+pub const REPLAY_ADVANCE_SQL: &str = r#"
+CREATE TABLE IF NOT EXISTS pgrelay.replay_keys (pid integer PRIMARY KEY, key text NOT NULL);
+REVOKE ALL ON pgrelay.replay_keys FROM PUBLIC;
+CREATE OR REPLACE FUNCTION pgrelay.replay_advance(from_seq bigint, to_seq bigint, replay_key text)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS
+$f$
+DECLARE
+  moved integer;
+BEGIN
+  IF NOT EXISTS (SELECT FROM pgrelay.replay_keys k
+                 WHERE k.pid = pg_catalog.pg_backend_pid() AND k.key = replay_key) THEN
+    RAISE EXCEPTION 'pgrelay.replay_advance is for pgrelay''s replayer' USING ERRCODE = '42501';
+  END IF;
+  UPDATE pgrelay.applied SET seq = to_seq, updated_at = pg_catalog.now()
+   WHERE source = 'statement' AND seq = from_seq;
+  GET DIAGNOSTICS moved = ROW_COUNT;
+  RETURN moved;
+END
+$f$;
+REVOKE ALL ON FUNCTION pgrelay.replay_advance(bigint, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgrelay.replay_advance(bigint, bigint, text) TO PUBLIC;
+"#;
+
+/// Registers `key` for the replay connection with backend `pid` (through pgrelay's own
+/// connection), dropping the keys of sessions that are gone.
+pub async fn register_replay_key(
+    conn: &mut BackendConn,
+    pid: i32,
+    key: &str,
+) -> Result<(), ReplayError> {
+    conn.query(&format!(
+        "DELETE FROM pgrelay.replay_keys WHERE pid NOT IN \
+           (SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid IS NOT NULL); \
+         INSERT INTO pgrelay.replay_keys (pid, key) VALUES ({pid}, {}) \
+           ON CONFLICT (pid) DO UPDATE SET key = EXCLUDED.key",
+        literal(key)
+    ))
+    .await
+    .map(|_| ())
+    .map_err(follower_error("registering a replay connection"))
+}
+
 /// Creates the functions and `pgrelay.applied` (with its `seq` column), idempotently.
 pub async fn ensure_bookkeeping(conn: &mut BackendConn) -> Result<(), ReplayError> {
     conn.query(&format!(
         "{FUNCTIONS_SQL}; {APPLIED_TABLE_SQL}; \
-         ALTER TABLE pgrelay.applied ADD COLUMN IF NOT EXISTS seq bigint"
+         ALTER TABLE pgrelay.applied ADD COLUMN IF NOT EXISTS seq bigint; {REPLAY_ADVANCE_SQL}"
     ))
     .await
     .map(|_| ())

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::protocol::frontend as fe;
+use crate::protocol::sqlstate;
 use crate::replication::statement::log::{self, LoggedStatement};
 use crate::routing::classify::Classification;
 use crate::routing::determinism;
@@ -216,6 +217,7 @@ impl Session {
         if matches!(plan, Plan::Log { .. }) && !self.classifier.has_catalog() {
             // Without the column defaults pgrelay cannot tell what the statement needs filled in.
             return Plan::Refuse(Raise {
+                code: sqlstate::FEATURE_NOT_SUPPORTED,
                 message: "pgrelay could not read this database's catalog from the leader, so it cannot replicate writes in statement mode yet".into(),
                 detail: "Statement mode fills in column defaults (sequences, now(), ...) from the leader's catalog.".into(),
                 hint: "Check that replication.user can connect to the leader; pgrelay tries again with the next statement.".into(),
@@ -306,6 +308,7 @@ impl Session {
                     // The COPY's data arrives after the string is sent: too late to log it
                     // before this COMMIT.
                     return self.refuse_query(frame, Raise {
+                        code: sqlstate::FEATURE_NOT_SUPPORTED,
                         message: "COPY ... FROM STDIN and COMMIT in one query string are not supported in pgrelay's statement replication mode".into(),
                         detail: "pgrelay logs the COPY's data before the COMMIT that follows it.".into(),
                         hint: "Send the COMMIT as a query of its own.".into(),
@@ -337,7 +340,7 @@ impl Session {
     }
 
     /// The query at `frame` becomes a DO block that raises `refusal` on the leader.
-    fn refuse_query(&mut self, frame: usize, refusal: Raise) {
+    pub(in crate::session) fn refuse_query(&mut self, frame: usize, refusal: Raise) {
         use super::ddl::{raise_sql, Reply, UnitDdl};
         self.unit
             .rewrites
@@ -365,6 +368,7 @@ impl Session {
             Plan::Skip => Ok((None, None)),
             Plan::Refuse(r) => Err(r),
             Plan::AfterSuccess { .. } => Err(Raise {
+                code: sqlstate::FEATURE_NOT_SUPPORTED,
                 message: "statements that cannot run in a transaction block are not supported with the extended query protocol in pgrelay's statement replication mode".into(),
                 detail: "pgrelay logs such a statement once it succeeded, which it can only tell for a simple query.".into(),
                 hint: "Send the statement as a simple query (psql does).".into(),

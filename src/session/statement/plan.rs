@@ -2,6 +2,7 @@
 
 use crate::config::UnsafePolicy;
 use crate::protocol::frontend as fe;
+use crate::protocol::sqlstate;
 use crate::replication::statement::log::{Extended, LoggedStatement};
 use crate::routing::classify::Classification;
 use crate::routing::ddl::{self as rddl, Ddl};
@@ -134,6 +135,7 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
         "commit" if second == "prepared" => return Plan::Skip,
         "prepare" if second == "transaction" => {
             return Plan::Refuse(Raise {
+                code: sqlstate::FEATURE_NOT_SUPPORTED,
                 message: "PREPARE TRANSACTION is not supported in pgrelay's statement replication mode".into(),
                 detail: "pgrelay logs a transaction's statements when it commits; a prepared transaction commits later, from any session.".into(),
                 hint: "Use COMMIT, or row replication mode.".into(),
@@ -155,6 +157,7 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
     }
     if c.ends_transaction || c.begin.is_some() {
         return Plan::Refuse(Raise {
+            code: sqlstate::FEATURE_NOT_SUPPORTED,
             message: "pgrelay's statement replication mode needs BEGIN, COMMIT and ROLLBACK as statements of their own".into(),
             detail: "This query string both writes and starts or ends a transaction block.".into(),
             hint: "Send the transaction control statement separately.".into(),
@@ -162,6 +165,7 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
     }
     if first == "execute" && !c.executes.is_empty() {
         return Plan::Refuse(Raise {
+            code: sqlstate::FEATURE_NOT_SUPPORTED,
             message: "EXECUTE of a prepared statement that writes is not supported in pgrelay's statement replication mode".into(),
             detail: "The followers replay the log without the session's PREPAREd statements.".into(),
             hint: "Run the statement itself, or prepare it with the extended query protocol.".into(),
@@ -171,6 +175,7 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
         let upper = sql.to_ascii_uppercase();
         if !upper.contains("STDIN") {
             return Plan::Refuse(Raise {
+                code: sqlstate::FEATURE_NOT_SUPPORTED,
                 message: "COPY ... FROM a file or program is not supported in pgrelay's statement replication mode".into(),
                 detail: "The file is on the leader; the followers cannot read it.".into(),
                 hint: "Use COPY ... FROM STDIN (psql's \\copy).".into(),
@@ -228,6 +233,7 @@ pub fn plan(sql: &str, c: &Classification, cx: &PlanContext<'_>) -> Plan {
         Outcome::Local => Plan::Skip,
         Outcome::Unsafe(u) => match cx.unsafe_policy {
             UnsafePolicy::Reject => Plan::Refuse(Raise {
+                code: sqlstate::FEATURE_NOT_SUPPORTED,
                 message: format!(
                     "{} is not deterministic, so pgrelay's statement replication mode cannot replay it",
                     u.construct
@@ -323,6 +329,7 @@ pub fn bind_op(plan: &Plan, types: &[u32], bind_body: &[u8]) -> Option<TxOp> {
 /// The refusal of a COPY ... FROM STDIN outside a transaction block.
 pub fn copy_outside_block() -> Raise {
     Raise {
+        code: sqlstate::FEATURE_NOT_SUPPORTED,
         message: "COPY ... FROM STDIN outside a transaction block is not supported in pgrelay's statement replication mode".into(),
         detail: "pgrelay logs the COPY's data with the transaction that commits it.".into(),
         hint: "Run it in a transaction: BEGIN; COPY ...; COMMIT.".into(),

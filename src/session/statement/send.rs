@@ -30,10 +30,7 @@ pub fn insert_literal_sql(settings: &str, statements: &str, copies: &[Vec<u8>]) 
             &format!("{}::jsonb", dollar_literal(statements)),
         )
         .replace("$3::bytea[]", &format!("{copies}::bytea[]"))
-        .replace(
-            "RETURNING seq",
-            &format!("RETURNING seq AS \"{SEQ_ALIAS}\""),
-        )
+        .replace(" AS seq", &format!(" AS \"{SEQ_ALIAS}\""))
 }
 
 /// Appends Close, Parse, Bind, Execute and Close (of the portal) of pgrelay's log insert
