@@ -27,9 +27,9 @@ use crate::protocol::backend::{self as be, tag};
 use crate::protocol::codec::Frame;
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::{self, SqlState};
+use crate::replication::row::message_key::MessageKey;
 use crate::routing::classify::statement_spans;
 pub use crate::routing::ddl::dollar_tag;
-use crate::replication::row::message_key::MessageKey;
 use crate::routing::ddl::{
     self as rddl, Ddl, Refusal, MESSAGE_HEADER_SQL, MESSAGE_PREFIX, MESSAGE_VERSION,
 };
@@ -259,9 +259,7 @@ fn plan_statement(statement: &str, temp_check: bool, signer: &Signer) -> Planned
     match rddl::analyze(statement) {
         Ddl::Local => Planned::Keep,
         Ddl::Transactional(r) => Planned::Wrapped(wrap(statement, &relations(&r), signer), r.tag),
-        Ddl::AfterSuccess(r) => {
-            Planned::EmitAfter(emit_after(statement, &relations(&r), signer))
-        }
+        Ddl::AfterSuccess(r) => Planned::EmitAfter(emit_after(statement, &relations(&r), signer)),
         Ddl::Refused(refusal) => Planned::Refused(refusal),
     }
 }
@@ -773,7 +771,10 @@ mod tests {
             rewrite_query("SELECT 1; INSERT INTO t VALUES (1)", false, &signer()),
             None
         );
-        assert_eq!(rewrite_query("CREATE TEMP TABLE t (a int)", false, &signer()), None);
+        assert_eq!(
+            rewrite_query("CREATE TEMP TABLE t (a int)", false, &signer()),
+            None
+        );
         assert_eq!(rewrite_query("SELECT 'x", false, &signer()), None);
     }
 
@@ -846,7 +847,11 @@ mod tests {
             ParsePlan::RefuseUnit(_)
         ));
         assert!(matches!(
-            plan_parse(&parse_msg("CREATE TABLE x AS SELECT 1", 0), false, &signer()),
+            plan_parse(
+                &parse_msg("CREATE TABLE x AS SELECT 1", 0),
+                false,
+                &signer()
+            ),
             ParsePlan::Statement(StatementDdl { parse: Some(_), .. })
         ));
         assert!(matches!(
@@ -854,7 +859,11 @@ mod tests {
             ParsePlan::Statement(StatementDdl { parse: None, .. })
         ));
         assert!(matches!(
-            plan_parse(&parse_msg("CREATE TABLE a (); CREATE TABLE b ()", 0), false, &signer()),
+            plan_parse(
+                &parse_msg("CREATE TABLE a (); CREATE TABLE b ()", 0),
+                false,
+                &signer()
+            ),
             ParsePlan::Keep
         ));
     }

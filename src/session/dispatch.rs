@@ -289,9 +289,7 @@ impl Session {
                 Some(signer) => match ddl::plan_parse(&parse, temp, &signer) {
                     ParsePlan::Keep => None,
                     ParsePlan::Statement(d) => Some(Arc::new(d)),
-                    ParsePlan::RefuseUnit(refusal) if may_refuse => {
-                        return Ok(Err(refusal.into()))
-                    }
+                    ParsePlan::RefuseUnit(refusal) if may_refuse => return Ok(Err(refusal.into())),
                     // Part of the unit is on a node already: its Sync must go there. The
                     // server raises the refusal at Execute instead (a client that binds
                     // parameters is told they do not fit first).

@@ -22,8 +22,8 @@ use crate::protocol::pgoutput::{
 };
 
 use super::super::positions::{format_lsn, Position};
-use super::relations::{describe_sql, FollowerColumn, Table};
 use super::message_key::MessageKey;
+use super::relations::{describe_sql, FollowerColumn, Table};
 use super::setup::advance_sql;
 use super::RowError;
 

@@ -90,9 +90,15 @@ impl SharedKey {
 /// Reads the key from the leader, creating it when there is none.
 pub async fn load(config: &Config) -> Result<MessageKey, String> {
     let database = &config.replication.database;
-    let mut conn = connect_own(config, config.leader, database, "pgrelay message key", false)
-        .await
-        .map_err(|e| format!("reading pgrelay's message key on the leader: {e}"))?;
+    let mut conn = connect_own(
+        config,
+        config.leader,
+        database,
+        "pgrelay message key",
+        false,
+    )
+    .await
+    .map_err(|e| format!("reading pgrelay's message key on the leader: {e}"))?;
     let candidate = hex(&rand::random::<[u8; 32]>());
     let rows = conn
         .query(&format!(
@@ -112,9 +118,10 @@ pub async fn load(config: &Config) -> Result<MessageKey, String> {
             e.message, e.code
         )
     })?;
+    // The rows of every statement: the key is the last.
     let text = rows
         .into_iter()
-        .next()
+        .last()
         .and_then(|r| r.into_iter().next().flatten())
         .unwrap_or_default();
     let bytes: [u8; 32] = unhex(&text)
@@ -133,7 +140,10 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     }
     (0..text.len())
         .step_by(2)
-        .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
         .collect()
 }
 

@@ -40,8 +40,7 @@ const COPY_CHUNK: usize = 64 * 1024;
 
 /// Moves the recorded seq from `$1` to `$2` (the replay connection's key is `$3`); when the
 /// recorded seq is not `$1`, the division by zero fails the statement, and so the transaction.
-pub const ADVANCE_SQL: &str =
-    "SELECT 1 / pgrelay.replay_advance($1::bigint, $2::bigint, $3::text)";
+pub const ADVANCE_SQL: &str = "SELECT 1 / pgrelay.replay_advance($1::bigint, $2::bigint, $3::text)";
 
 /// Replay connections kept open per follower database (one per author); past it the others
 /// are closed.
@@ -241,7 +240,13 @@ impl Replayer {
         let mut unqueued: Option<ReplayError> = None;
         for entry in entries {
             let (bytes, queued) = (author.conn.wbuf.len(), steps.len());
-            let queuing = queue_entry(&mut author.conn.wbuf, entry, previous, &author.key, &mut steps);
+            let queuing = queue_entry(
+                &mut author.conn.wbuf,
+                entry,
+                previous,
+                &author.key,
+                &mut steps,
+            );
             if let Err(e) = queuing {
                 author.conn.wbuf.truncate(bytes);
                 steps.truncate(queued);
@@ -314,7 +319,6 @@ impl Replayer {
         }
         ReplayError::Follower(format!("{at}: {} (SQLSTATE {})", f.message, f.code))
     }
-
 }
 
 /// Reads replies up to the next ReadyForQuery: the first error among them, and the tag of the
@@ -481,7 +485,10 @@ mod tests {
             out
         })
         .into_owned();
-        assert!(!tail.contains("k3y'") && tail.matches("k3y").count() == 1, "{tail}");
+        assert!(
+            !tail.contains("k3y'") && tail.matches("k3y").count() == 1,
+            "{tail}"
+        );
         assert_eq!(seen[15].1, "COMMIT");
         // One step per ReadyForQuery to come: every Query, and the extended statement's Sync.
         assert_eq!(
@@ -500,8 +507,7 @@ mod tests {
         // COPY data that the entry does not have: nothing to replay.
         let mut broken = entry.clone();
         broken.copy_data.clear();
-        let err =
-            queue_entry(&mut BytesMut::new(), &broken, 9, "k", &mut Vec::new()).unwrap_err();
+        let err = queue_entry(&mut BytesMut::new(), &broken, 9, "k", &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("seq 12 statement 2"), "{err}");
     }
 

@@ -175,7 +175,10 @@ impl Applier {
             return Ok(());
         }
         if m.transactional {
-            let body = format!("BEGIN EXECUTE {q}{sql}{q}; END", q = dollar_tag("ddl", &[sql]));
+            let body = format!(
+                "BEGIN EXECUTE {q}{sql}{q}; END",
+                q = dollar_tag("ddl", &[sql])
+            );
             let o = dollar_tag("pgrelay", &[&body]);
             let run = format!(
                 "SELECT pg_catalog.set_config('search_path', {schemas}, true); \
@@ -200,7 +203,11 @@ impl Applier {
             .is_ok_and(|spans| spans.len() == 1)
             && statement_spans(sql, StringMode::Backslash).is_ok_and(|spans| spans.len() == 1);
         if !one_statement || !matches!(rddl::analyze(sql), Ddl::AfterSuccess(_)) {
-            self.refuse(at, Refused::Statement, "not one statement that runs outside a transaction");
+            self.refuse(
+                at,
+                Refused::Statement,
+                "not one statement that runs outside a transaction",
+            );
             self.record_past(at).await.map_err(&fail)?;
             return Ok(());
         }
