@@ -94,10 +94,23 @@ impl Slot {
                     let (transactional, rest) = rest.split_once(' ').unwrap();
                     let content = rest.split_once("content:").unwrap().1;
                     assert!(rest.starts_with("prefix: pgrelay.ddl,"), "{data}");
-                    // The role that ran it: the one the test's client logged in as.
-                    let (role, content) = content.split_once('\n').unwrap();
-                    assert!([SUPERUSER, TRUST_USER].contains(&role), "{data}");
-                    format!("ddl({transactional}): {content}")
+                    // Signed, for the role the test's client logged in as, which ran it.
+                    let mut parts = content.splitn(5, '\n');
+                    let (version, signature, login, role) = (
+                        parts.next().unwrap(),
+                        parts.next().unwrap(),
+                        parts.next().unwrap(),
+                        parts.next().unwrap(),
+                    );
+                    assert_eq!(version, "v2", "{data}");
+                    assert!(
+                        signature.len() == 64
+                            && signature.bytes().all(|b| b.is_ascii_hexdigit()),
+                        "{data}"
+                    );
+                    assert!([SUPERUSER, TRUST_USER].contains(&login), "{data}");
+                    assert_eq!(role, login, "{data}");
+                    format!("ddl({transactional}): {}", parts.next().unwrap())
                 }
                 None => data,
             })
