@@ -165,7 +165,7 @@ async fn read_password_message(client: &mut Client) -> Result<bytes::Bytes, Logi
         .flush()
         .await
         .map_err(|e| LoginError::new(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
-    let frame = client.read_frame().await?;
+    let frame = client.read_login_frame().await?;
     if frame.tag() != tag::PASSWORD {
         return Err(LoginError::new(
             sqlstate::PROTOCOL_VIOLATION,
