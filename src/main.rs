@@ -88,6 +88,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
+            for warning in config.warnings() {
+                println!("# warning: {warning}");
+            }
             print!("{}", config.to_masked_toml());
             Ok(())
         }

@@ -381,15 +381,26 @@ pub async fn upkeep(metrics: Arc<Metrics>, stop: CancellationToken) {
     }
 }
 
+/// Connections the metrics endpoint serves at once; more get `503` and are closed, so idle
+/// or slow connections cannot pile up.
+pub const MAX_HTTP_CONNECTIONS: usize = 64;
+/// How long one request may take, from accept to the last byte of the response.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read.
+const MAX_REQUEST_HEAD: usize = 8192;
+
 /// Serves `GET /metrics`, the status page and its JSON on `listener` until `stop` is
-/// cancelled, and samples the followers' lag for the page's history meanwhile.
+/// cancelled, and samples the followers' lag for the page's history meanwhile. At most
+/// [`MAX_HTTP_CONNECTIONS`] at once, each for at most [`HTTP_TIMEOUT`].
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     let history = Arc::new(History::default());
     let mut ticks = tokio::time::interval(status::SAMPLE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let tracker = tokio_util::task::TaskTracker::new();
     loop {
-        let (mut stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => break,
             _ = ticks.tick() => {
                 history.sample(&shared);
                 continue;
@@ -402,38 +413,51 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Without waiting: a full socket buffer just loses the answer.
+            let _ = stream.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            debug!("metrics endpoint: too many connections, one refused");
+            continue;
+        };
         let shared = shared.clone();
         let history = history.clone();
-        tokio::spawn(async move {
-            let mut request = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            // Read the request head (capped), with a deadline so idle connections go away.
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => request.extend_from_slice(chunk.get(..n).unwrap_or_default()),
-                    }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
+        tracker.spawn(async move {
+            if tokio::time::timeout(HTTP_TIMEOUT, answer(stream, &shared, &history))
+                .await
+                .is_err()
+            {
+                debug!("metrics endpoint: request timed out");
             }
-            let line = String::from_utf8_lossy(&request);
-            let target = line.split_whitespace().nth(1).unwrap_or("/");
-            let (status, content_type, body) = respond(target, &shared, &history);
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(err) = stream.write_all(response.as_bytes()).await {
-                debug!(error = %err, "metrics endpoint: write failed");
-            }
-            let _ = stream.shutdown().await;
+            drop(permit);
         });
     }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Reads one request head and answers it.
+async fn answer(mut stream: tokio::net::TcpStream, shared: &Shared, history: &History) {
+    let mut request = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST_HEAD {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+        }
+    }
+    let line = String::from_utf8_lossy(&request);
+    let target = line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, content_type, body) = respond(target, shared, history);
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(err) = stream.write_all(response.as_bytes()).await {
+        debug!(error = %err, "metrics endpoint: write failed");
+    }
+    let _ = stream.shutdown().await;
 }
 
 /// Status line, content type and body for a request target.

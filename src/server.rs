@@ -38,11 +38,16 @@ pub struct Shared {
     /// Logged-in client sessions by pgrelay pid, for the admin console's `SHOW CLIENTS`.
     pub clients: Mutex<HashMap<i32, ClientInfo>>,
     pub shutdown: CancellationToken,
-    pub client_connections: AtomicUsize,
+    /// Logged-in clients (see [`Slot`]).
+    pub client_connections: Arc<AtomicUsize>,
+    /// Connections that have not logged in yet.
+    pub logins_in_progress: Arc<AtomicUsize>,
     pub positions: Arc<Positions>,
     pub metrics: Arc<Metrics>,
     /// Reload, mode switch, PAUSE: see [`crate::control`].
     pub control: crate::control::Control,
+    /// Random per process: what unknown users' SCRAM salts are derived from.
+    pub unknown_user_key: [u8; 32],
 }
 
 impl Shared {
@@ -60,6 +65,29 @@ impl Shared {
             Ok(mut c) => *c = config,
             Err(poisoned) => *poisoned.into_inner() = config,
         }
+    }
+}
+
+/// One of a limited number of places (a login in progress, a logged-in client), given back
+/// when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Takes a place of `counter` if fewer than `max` are taken.
+    pub fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot(counter.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -193,8 +221,10 @@ impl Server {
             message_key: Default::default(),
             clients: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
-            client_connections: AtomicUsize::new(0),
+            client_connections: Arc::default(),
+            logins_in_progress: Arc::default(),
             control: crate::control::Control::default(),
+            unknown_user_key: rand::random(),
         });
         Ok(Server {
             listener,
@@ -259,11 +289,17 @@ impl Server {
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let span = tracing::info_span!("session", %peer);
-                    shared.client_connections.fetch_add(1, Ordering::Relaxed);
+                    // Taken in accept order, so the oldest logins in progress are the ones served.
+                    let login = Slot::take(
+                        &shared.logins_in_progress,
+                        shared.config().proxy.max_logins_in_progress,
+                    );
                     shared.metrics.client_connections.increment(1.0);
                     tracker.spawn(async move {
-                        session::run(stream, peer, shared.clone()).await;
-                        shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                        match login {
+                            Some(login) => session::run(stream, peer, shared.clone(), login).await,
+                            None => session::refuse_login(stream).await,
+                        }
                         shared.metrics.client_connections.decrement(1.0);
                     }.instrument(span));
                 }

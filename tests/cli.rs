@@ -73,6 +73,43 @@ fn config_errors_name_the_problem() {
 }
 
 #[test]
+fn check_config_warns_about_trust_users() {
+    let dir = std::env::temp_dir().join(format!("pgrelay-cli-trust-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("trust.toml");
+    std::fs::write(
+        &file,
+        "[[nodes]]\nname = \"l\"\nrole = \"leader\"\nhost = \"127.0.0.1\"\n\
+         [[users]]\nname = \"careful\"\npassword = \"p\"\n\
+         [[users]]\nname = \"open_door\"\npassword = \"p\"\nauth = \"trust\"\n",
+    )
+    .unwrap();
+    let out = pgrelay()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let warning = stdout
+        .lines()
+        .find(|l| l.starts_with("# warning:"))
+        .unwrap_or_else(|| panic!("no warning in {stdout}"));
+    assert!(
+        warning.contains("\"open_door\"") && warning.contains("trust"),
+        "{warning}"
+    );
+    assert!(!warning.contains("careful"), "{warning}");
+    // The log says it too.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("open_door"), "{stderr}");
+    // The output is still a config.
+    assert!(toml::from_str::<toml::Value>(&stdout).is_ok(), "{stdout}");
+}
+
+#[test]
 fn demo_lag_needs_standbys() {
     let out = pgrelay()
         .args(["demo", "--mode", "statement", "--lag", "1s"])

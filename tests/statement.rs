@@ -644,3 +644,63 @@ async fn begin_sent_with_the_first_statement_is_logged_with_it() {
     .await;
     assert_eq!(balance, 7);
 }
+
+/// COPY through the driver (extended protocol) of `rows`, in chunks of 8 KiB; the first
+/// error, whether a send or the end saw it.
+async fn copy_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = tx
+        .copy_in("COPY accounts (id, balance, note) FROM STDIN")
+        .await?;
+    futures_util::pin_mut!(sink);
+    for chunk in rows.as_bytes().chunks(8 * 1024) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+    }
+    sink.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_past_max_copy_bytes_fails_the_transaction_with_54000() {
+    let (info, db, addr, _) = setup("copylimit", "[statement]\nmax_copy_bytes = \"64KiB\"\n").await;
+    let mut c = connect_proxy(addr, &db).await;
+    let rows = |from: i32, n: i32, note: usize| -> String {
+        (from..from + n)
+            .map(|id| format!("{id}\t7\t{}\n", "n".repeat(note)))
+            .collect()
+    };
+    // Under the limit (two COPYs of 20 KiB in one transaction): logged and replicated.
+    let tx = c.transaction().await.unwrap();
+    assert_eq!(copy_rows(&tx, &rows(10_001, 200, 100)).await.unwrap(), 200);
+    assert_eq!(copy_rows(&tx, &rows(10_201, 200, 100)).await.unwrap(), 200);
+    tx.commit().await.unwrap();
+    // A third such COPY and a 60 KiB one take the transaction past 64 KiB.
+    let tx = c.transaction().await.unwrap();
+    assert_eq!(copy_rows(&tx, &rows(20_001, 200, 100)).await.unwrap(), 200);
+    let err = copy_rows(&tx, &rows(20_201, 600, 100)).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "54000", "{err:?}");
+    let message = common::error_message(&err);
+    assert!(message.contains("statement.max_copy_bytes"), "{message}");
+    assert!(message.contains("65536"), "{message}");
+    tx.rollback().await.unwrap();
+    // The session goes on, and what failed is nowhere.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM accounts WHERE id > 10000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 400);
+    c.batch_execute("UPDATE accounts SET balance = 8 WHERE id = 10001")
+        .await
+        .unwrap();
+    assert_converged(info, &info.followers, &db, CONVERGE).await;
+    let n: i64 = value_on(
+        &info.followers[0],
+        &db,
+        "SELECT count(*) FROM accounts WHERE id > 10000",
+    )
+    .await;
+    assert_eq!(n, 400);
+}

@@ -16,7 +16,7 @@ use crate::config::NodeConfig;
 use crate::protocol::auth::md5::md5_password;
 use crate::protocol::auth::scram::ScramClient;
 use crate::protocol::backend::{self as be, auth, tag};
-use crate::protocol::codec::{decode_frame, Frame, Reader, MAX_MESSAGE};
+use crate::protocol::codec::{announced_len, decode_frame, Frame, Reader, MAX_MESSAGE};
 use crate::protocol::frontend as fe;
 use crate::protocol::ProtocolError;
 
@@ -333,7 +333,13 @@ impl BackendConn {
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
             }
-            std::task::ready!(self.poll_fill(cx, 16 * 1024))?;
+            // A node is trusted with its lengths: room for the rest of a large message at
+            // once, so it is read in few syscalls.
+            let missing = announced_len(&self.rbuf)
+                .ok()
+                .flatten()
+                .map_or(0, |total| total.saturating_sub(self.rbuf.len()));
+            std::task::ready!(self.poll_fill(cx, missing.max(16 * 1024)))?;
         }
     }
 

@@ -2,6 +2,7 @@
 //! in README.md and `pgrelay.example.toml`.
 
 mod raw;
+mod size;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -87,7 +88,11 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// On shutdown, how long sessions get to finish before they are closed.
     pub shutdown_timeout: Duration,
+    /// Logged-in clients at once; more are refused after they authenticated.
     pub max_client_connections: usize,
+    /// Connections still logging in at once (not counted in `max_client_connections`); more
+    /// are refused as they connect.
+    pub max_logins_in_progress: usize,
     /// A node that refused a connection is not tried again for this long.
     pub node_retry_interval: Duration,
     /// Threads serving sessions; 0: one per CPU core.
@@ -231,7 +236,13 @@ pub struct StatementConfig {
     pub unsafe_policy: UnsafePolicy,
     /// Log entries every follower applied are kept this much longer before they are deleted.
     pub log_retention: Duration,
+    /// The COPY data one transaction may hold (pgrelay keeps it until the commit logs it);
+    /// past it the COPY fails with SQLSTATE 54000.
+    pub max_copy_bytes: u64,
 }
+
+/// Default of `statement.max_copy_bytes`.
+pub const DEFAULT_MAX_COPY_BYTES: u64 = 64 << 20;
 
 /// Which node may serve a read (see README, "Consistency").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,7 +277,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 /// One worker thread per core (measured 8 % more pgbench -S throughput than one thread on
 /// two cores; see BENCHMARKS.md).
 pub const DEFAULT_WORKER_THREADS: usize = 0;
-const SCRAM_ITERATIONS: u32 = 4096;
+const SCRAM_ITERATIONS: u32 = crate::protocol::auth::scram::DEFAULT_ITERATIONS;
 
 fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
     match value {
@@ -286,7 +297,27 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text)
+        let config = Config::parse(&text)?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
+        Ok(config)
+    }
+
+    /// What the config allows but is probably not meant, one sentence each: logged when a
+    /// config file is loaded and printed by `pgrelay check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|u| u.auth == AuthMethod::Trust)
+            .map(|u| {
+                format!(
+                    "user {:?} has auth = \"trust\": anyone who can connect to pgrelay logs in as {:?} \
+                     without a password, and pgrelay logs in to the nodes as that user with its configured password",
+                    u.name, u.name
+                )
+            })
+            .collect()
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -368,6 +399,7 @@ impl Config {
                 connect_timeout: Some(fmt_duration(self.proxy.connect_timeout)),
                 shutdown_timeout: Some(fmt_duration(self.proxy.shutdown_timeout)),
                 max_client_connections: Some(self.proxy.max_client_connections),
+                max_logins_in_progress: Some(self.proxy.max_logins_in_progress),
                 node_retry_interval: Some(fmt_duration(self.proxy.node_retry_interval)),
                 worker_threads: Some(self.proxy.worker_threads),
             },
@@ -405,6 +437,7 @@ impl Config {
                     .into(),
                 ),
                 log_retention: Some(fmt_duration(self.statement.log_retention)),
+                max_copy_bytes: Some(size::format_bytes(self.statement.max_copy_bytes)),
             },
             replication: RawReplication {
                 mode: Some(self.replication.mode.name().into()),
@@ -472,6 +505,7 @@ impl TryFrom<RawConfig> for Config {
                 Duration::from_secs(10),
             )?,
             max_client_connections: raw.proxy.max_client_connections.unwrap_or(1000),
+            max_logins_in_progress: raw.proxy.max_logins_in_progress.unwrap_or(100),
             node_retry_interval: duration(
                 "proxy.node_retry_interval",
                 raw.proxy.node_retry_interval.as_deref(),
@@ -481,6 +515,9 @@ impl TryFrom<RawConfig> for Config {
         };
         if proxy.max_client_connections == 0 {
             return Err(invalid("proxy.max_client_connections must be at least 1"));
+        }
+        if proxy.max_logins_in_progress == 0 {
+            return Err(invalid("proxy.max_logins_in_progress must be at least 1"));
         }
 
         let mut nodes = Vec::with_capacity(raw.nodes.len());
@@ -654,6 +691,14 @@ impl TryFrom<RawConfig> for Config {
                 raw.statement.log_retention.as_deref(),
                 Duration::ZERO,
             )?,
+            max_copy_bytes: match raw.statement.max_copy_bytes.as_deref() {
+                None => DEFAULT_MAX_COPY_BYTES,
+                Some(text) => size::parse_bytes(text).ok_or_else(|| {
+                    invalid(format!(
+                        "statement.max_copy_bytes = {text:?}: expected a size like \"64MiB\" or \"512kB\""
+                    ))
+                })?,
+            },
         };
         if replication.bootstrap_workers == 0 {
             return Err(invalid("replication.bootstrap_workers must be at least 1"));
@@ -806,6 +851,14 @@ password = "secret"
             ("[replication]\nack = \"most\"\n", "replication.ack"),
             ("[replication]\nuser = \"ghost\"\n", "replication.user"),
             ("[metrics]\nlisten = \"x\"\n", "metrics.listen"),
+            (
+                "[statement]\nmax_copy_bytes = \"lots\"\n",
+                "statement.max_copy_bytes",
+            ),
+            (
+                "[proxy]\nmax_logins_in_progress = 0\n",
+                "max_logins_in_progress must be at least 1",
+            ),
         ] {
             let err = Config::parse(&format!("{extra}{MINIMAL}"))
                 .unwrap_err()

@@ -30,6 +30,7 @@ pub struct RawProxy {
     pub connect_timeout: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub max_client_connections: Option<usize>,
+    pub max_logins_in_progress: Option<usize>,
     pub node_retry_interval: Option<String>,
     pub worker_threads: Option<usize>,
 }
@@ -89,4 +90,5 @@ pub struct RawStatement {
     #[serde(rename = "unsafe")]
     pub unsafe_: Option<String>,
     pub log_retention: Option<String>,
+    pub max_copy_bytes: Option<String>,
 }

@@ -11,8 +11,15 @@ use super::ProtocolError;
 
 /// Largest startup packet a client may send (Postgres itself allows 10000 bytes).
 pub const MAX_STARTUP_PACKET: usize = 10 * 1024;
-/// Largest regular message a client may send (Postgres's own limit for most messages).
+/// Largest message of the types that carry SQL or data (Query, Parse, Bind, CopyData,
+/// FunctionCall): Postgres's `PQ_LARGE_MESSAGE_LIMIT`.
 pub const MAX_MESSAGE: usize = 1 << 30;
+/// Largest message of every other type a client may send once logged in (Sync, Describe,
+/// Execute, Close, CopyDone, CopyFail, ...); Postgres's `PQ_SMALL_MESSAGE_LIMIT` is 10000.
+pub const MAX_SMALL_MESSAGE: usize = 10 * 1024;
+/// Largest message a client may send before it logged in (a password or SASL message):
+/// Postgres's `PG_MAX_AUTH_TOKEN_LENGTH`.
+pub const MAX_AUTH_MESSAGE: usize = 65535;
 
 /// One complete tagged message, kept as the original bytes so it can be forwarded unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,26 +63,43 @@ pub fn be_i32(bytes: &[u8]) -> Option<i32> {
     Some(i32::from_be_bytes(four))
 }
 
-/// Splits one tagged message off the front of `buf`.
+/// Splits one tagged message of at most `max` bytes off the front of `buf`.
 pub fn decode_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, ProtocolError> {
+    decode_frame_capped(buf, |_| max)
+}
+
+/// Splits one tagged message off the front of `buf`; `cap` gives the largest message of a
+/// type (by its tag), checked as soon as the header is there. Allocates nothing: the caller
+/// grows `buf` as bytes arrive (a header announcing a large message reserves nothing).
+pub fn decode_frame_capped(
+    buf: &mut BytesMut,
+    cap: impl Fn(u8) -> usize,
+) -> Result<Option<Frame>, ProtocolError> {
+    let Some(total) = announced_len(buf)? else {
+        return Ok(None);
+    };
+    let max = cap(buf.first().copied().unwrap_or(0));
+    if total > max {
+        return Err(ProtocolError::TooLarge { len: total, max });
+    }
+    if buf.len() < total {
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        raw: buf.split_to(total).freeze(),
+    }))
+}
+
+/// The whole length (tag included) of the tagged message at the front of `buf`, once its
+/// header is there.
+pub fn announced_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
     let Some(len) = buf.get(1..5).and_then(be_i32) else {
         return Ok(None);
     };
     if len < 4 {
         return Err(ProtocolError::InvalidLength(i64::from(len)));
     }
-    let total = len as usize + 1;
-    if total > max {
-        return Err(ProtocolError::TooLarge { len: total, max });
-    }
-    if buf.len() < total {
-        // Reserve what the rest of this message needs, so a large message is read in few syscalls.
-        buf.reserve(total - buf.len());
-        return Ok(None);
-    }
-    Ok(Some(Frame {
-        raw: buf.split_to(total).freeze(),
-    }))
+    Ok(Some(len as usize + 1))
 }
 
 /// Splits one untagged startup-phase packet (StartupMessage, SSLRequest, GSSENCRequest,
@@ -242,6 +266,20 @@ mod tests {
         // A negative length must not wrap around into a huge allocation.
         let mut buf = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
         assert!(decode_frame(&mut buf, MAX_MESSAGE).is_err());
+    }
+
+    #[test]
+    fn caps_are_per_type_and_nothing_is_reserved() {
+        let cap = |tag: u8| if tag == b'Q' { MAX_MESSAGE } else { 100 };
+        let mut buf = BytesMut::from(&[b'S', 0, 0, 0, 101][..]);
+        assert_eq!(
+            decode_frame_capped(&mut buf, cap),
+            Err(ProtocolError::TooLarge { len: 102, max: 100 })
+        );
+        let mut buf = BytesMut::with_capacity(16);
+        buf.put_slice(&[b'Q', 0x10, 0, 0, 0]);
+        assert_eq!(decode_frame_capped(&mut buf, cap), Ok(None));
+        assert!(buf.capacity() < 1024, "a header reserves nothing");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::codec::{put_cstr, write_message, Reader};
+use super::codec::{put_cstr, write_message, Reader, MAX_MESSAGE, MAX_SMALL_MESSAGE};
 use super::ProtocolError;
 
 pub const PROTOCOL_3_0: i32 = 196608;
@@ -29,6 +29,15 @@ pub mod tag {
     pub const FUNCTION_CALL: u8 = b'F';
     /// PasswordMessage, SASLInitialResponse and SASLResponse share this tag.
     pub const PASSWORD: u8 = b'p';
+}
+
+/// The largest message of type `t` a logged-in client may send, as Postgres's `SocketBackend`
+/// decides: 1 GiB for the messages that carry SQL or data, 10 KiB for the rest.
+pub fn max_message_len(t: u8) -> usize {
+    match t {
+        tag::QUERY | tag::PARSE | tag::BIND | tag::COPY_DATA | tag::FUNCTION_CALL => MAX_MESSAGE,
+        _ => MAX_SMALL_MESSAGE,
+    }
 }
 
 /// The first packet of a connection.

@@ -6,7 +6,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::protocol::codec::{decode_frame, decode_startup, Frame, MAX_MESSAGE};
+use crate::protocol::codec::{
+    decode_frame, decode_frame_capped, decode_startup, Frame, MAX_AUTH_MESSAGE,
+};
+use crate::protocol::frontend::max_message_len;
 use crate::protocol::ProtocolError;
 
 /// Why reading from the client stopped.
@@ -46,7 +49,19 @@ impl Client {
         }
     }
 
-    /// Reads one whole message; used during login, when nothing else can happen meanwhile.
+    /// Reads one whole message before login (a password or SASL message), capped at
+    /// [`MAX_AUTH_MESSAGE`] whatever its type.
+    pub async fn read_login_frame(&mut self) -> Result<Frame, ClientError> {
+        loop {
+            if let Some(frame) = decode_frame(&mut self.rbuf, MAX_AUTH_MESSAGE)? {
+                return Ok(frame);
+            }
+            self.read_more().await?;
+        }
+    }
+
+    /// Reads one whole message of a logged-in client, when nothing else can happen meanwhile
+    /// (the admin console).
     pub async fn read_frame(&mut self) -> Result<Frame, ClientError> {
         loop {
             if let Some(frame) = self.decode()? {
@@ -56,16 +71,18 @@ impl Client {
         }
     }
 
-    /// Splits the next whole buffered message off, without I/O.
+    /// Splits the next whole buffered message of a logged-in client off, without I/O; each
+    /// message type has its cap ([`max_message_len`]).
     pub fn decode(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        decode_frame(&mut self.rbuf, MAX_MESSAGE)
+        decode_frame_capped(&mut self.rbuf, max_message_len)
     }
 
     /// Reads whatever the client sent next into the buffer. Cancel-safe: `read_buf` either
-    /// reads into the buffer or does nothing.
+    /// reads into the buffer or does nothing. The buffer grows with what arrived (it at most
+    /// doubles), never by what a message header announces.
     pub async fn read_more(&mut self) -> Result<(), ClientError> {
         if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(8 * 1024);
+            self.rbuf.reserve(self.rbuf.len().max(8 * 1024));
         }
         match self.stream.read_buf(&mut self.rbuf).await? {
             0 => Err(ClientError::Closed),

@@ -219,13 +219,19 @@ impl Session {
                 self.dispatch_unit().await
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                if let Some(stx) = self.stx.as_mut().filter(|s| s.copy_refused) {
+                    // The rest of a COPY that went past max_copy_bytes.
+                    if t != tag::COPY_DATA {
+                        stx.copy_refused = false;
+                        self.copy_node = None;
+                    }
+                    return Ok(Flow::Continue);
+                }
                 if let Some(stx) = self.stx.as_mut().filter(|s| s.copying) {
-                    if t == tag::COPY_DATA {
-                        if let Some(block) = stx.copies.last_mut() {
-                            block.extend_from_slice(&frame.body());
-                        }
-                    } else {
+                    if t != tag::COPY_DATA {
                         stx.copying = false;
+                    } else if !self.hold_copy_data(&frame.body()) {
+                        return Ok(Flow::Continue);
                     }
                 }
                 let node = self.copy_node.or(self.last_node);

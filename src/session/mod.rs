@@ -35,17 +35,26 @@ use crate::routing::classify::{Classifier, SessionChange, WRITING_FUNCTIONS_SQL}
 use crate::server::{CancelTarget, Shared};
 
 use client::{Client, ClientError};
+pub use startup::refuse_login;
 use startup::{Login, Startup};
 use state::SessionState;
 use unit::{Statement, Unit};
 
 /// Runs a session to its end. Errors end the session; they are reported to the client where
 /// it can still hear them, and logged.
-pub async fn run(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// `logging_in` is the connection's place among the logins in progress, given back when the
+/// login is over.
+pub async fn run(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    logging_in: crate::server::Slot,
+) {
     let mut client = Client::new(stream);
     let login_timeout = shared.config().proxy.client_login_timeout;
     let startup =
         tokio::time::timeout(login_timeout, startup::handshake(&mut client, &shared)).await;
+    drop(logging_in);
     let login = match startup {
         Ok(Ok(Startup::Login(login))) => login,
         Ok(Ok(Startup::Cancel)) => return,
@@ -166,6 +175,8 @@ struct Group {
     /// back until a row or the result arrives, so that a retry does not repeat them.
     preamble: bytes::BytesMut,
     error: bool,
+    /// The client gets this error instead of the node's (a COPY pgrelay failed on purpose).
+    error_instead: Option<Frame>,
     rolled_back: bool,
     /// Session changes to record if the group succeeds.
     changes: Vec<SessionChange>,

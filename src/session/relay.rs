@@ -53,6 +53,13 @@ impl Session {
         if group.forward && swallow_own(group, &frame) {
             return Ok(());
         }
+        let frame = match group.error_instead.take() {
+            Some(instead) if frame.tag() == tag::ERROR_RESPONSE => instead,
+            other => {
+                group.error_instead = other;
+                frame
+            }
+        };
         match frame.tag() {
             tag::READY_FOR_QUERY => {
                 let status = be::parse_ready_for_query(&frame.body())

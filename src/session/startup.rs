@@ -2,8 +2,6 @@
 //! protocol version negotiation, and password authentication against pgrelay's user list.
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>
 
-use std::sync::atomic::Ordering;
-
 use bytes::BytesMut;
 use tracing::{debug, info};
 
@@ -15,13 +13,16 @@ use crate::protocol::backend::{self as be, auth, Report};
 use crate::protocol::frontend::{self as fe, tag, StartupRequest};
 use crate::protocol::sqlstate::{self, SqlState};
 use crate::protocol::ProtocolError;
-use crate::server::{forward_cancel, Shared};
+use crate::server::{forward_cancel, Shared, Slot};
 
 use super::client::{Client, ClientError};
 
 /// A client that logged in.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Login {
+    /// Its place among `max_client_connections`, held (never read) while the session lasts.
+    #[allow(dead_code)]
+    pub slot: Slot,
     pub user: String,
     pub database: String,
     /// Startup parameters to pass to nodes (everything but `user`; includes `database`).
@@ -136,17 +137,22 @@ async fn login(
     node_params.insert(0, ("database".to_owned(), database.clone()));
 
     let config = shared.config();
-    // Counted at accept, so this connection is included.
-    if shared.client_connections.load(Ordering::Relaxed) > config.proxy.max_client_connections {
-        return Err(LoginError::new(
+    authenticate(client, &user, config.user(&user), &shared.unknown_user_key).await?;
+    // Only clients that logged in count, so connections that never log in lock nobody out.
+    let slot = Slot::take(
+        &shared.client_connections,
+        config.proxy.max_client_connections,
+    )
+    .ok_or_else(|| {
+        LoginError::new(
             sqlstate::TOO_MANY_CONNECTIONS,
             "sorry, too many clients already",
-        ));
-    }
-    authenticate(client, &user, config.user(&user)).await?;
+        )
+    })?;
     be::authentication(&mut client.wbuf, auth::OK, &[]);
     info!(user = %user, db = %database, "client logged in");
     Ok(Login {
+        slot,
         user,
         database,
         params: node_params,
@@ -165,7 +171,7 @@ async fn read_password_message(client: &mut Client) -> Result<bytes::Bytes, Logi
         .flush()
         .await
         .map_err(|e| LoginError::new(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
-    let frame = client.read_frame().await?;
+    let frame = client.read_login_frame().await?;
     if frame.tag() != tag::PASSWORD {
         return Err(LoginError::new(
             sqlstate::PROTOCOL_VIOLATION,
@@ -179,12 +185,14 @@ async fn read_password_message(client: &mut Client) -> Result<bytes::Bytes, Logi
 }
 
 /// Checks the client's password with the user's method. An unknown user goes through the
-/// same SCRAM exchange against a random secret, so a client cannot tell unknown users from
-/// wrong passwords.
+/// same SCRAM exchange against a stand-in secret derived from its name and `unknown_key`
+/// (stable salt, like a known user's), so a client cannot tell unknown users from wrong
+/// passwords.
 async fn authenticate(
     client: &mut Client,
     user: &str,
     cfg: Option<&UserConfig>,
+    unknown_key: &[u8; 32],
 ) -> Result<(), LoginError> {
     let method = cfg.map(|u| u.auth).unwrap_or(AuthMethod::ScramSha256);
     match method {
@@ -202,7 +210,7 @@ async fn authenticate(
         AuthMethod::ScramSha256 => {
             let secret = match cfg {
                 Some(u) => u.scram.clone(),
-                None => ScramSecret::from_password(&format!("{:x}", rand::random::<u128>()), 4096),
+                None => ScramSecret::for_unknown_user(user, unknown_key),
             };
             let mut server = ScramServer::new(&secret);
             be::authentication_sasl(&mut client.wbuf, &[ScramServer::MECHANISM]);
@@ -237,6 +245,29 @@ fn scram_error(user: &str, e: AuthError) -> LoginError {
         AuthError::WrongPassword => wrong_password(user),
         other => LoginError::new(sqlstate::PROTOCOL_VIOLATION, other.to_string()),
     }
+}
+
+/// Turns away a connection over `max_logins_in_progress`: a FATAL error and the end, without
+/// waiting for anything from it. What it already sent (its startup packet) is read first, so
+/// the close is orderly and the error is not lost to a reset.
+pub async fn refuse_login(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = BytesMut::new();
+    Report::fatal(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        "sorry, too many logins in progress; try again later",
+    )
+    .write_error(&mut out);
+    let _ = stream.try_write(&out);
+    let mut scratch = [0u8; 1024];
+    let mut drained = 0;
+    while drained < crate::protocol::codec::MAX_STARTUP_PACKET {
+        match stream.try_read(&mut scratch) {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+    let _ = stream.shutdown().await;
 }
 
 /// Sends a FATAL error to a client during login.

@@ -82,8 +82,8 @@ impl Raw {
         }
     }
 
-    /// Expects an ErrorResponse with `code`, then the connection closing.
-    pub async fn expect_fatal(&mut self, code: &str) {
+    /// Expects an ErrorResponse with `code`, then the connection closing; returns its message.
+    pub async fn expect_fatal(&mut self, code: &str) -> String {
         let f = self
             .next()
             .await
@@ -92,5 +92,6 @@ impl Raw {
         let fields = parse_error_fields(&f.body()).unwrap();
         assert_eq!(fields.code, code, "{}", fields.message);
         assert!(self.next().await.is_none(), "the connection is closed");
+        fields.message
     }
 }

@@ -90,6 +90,28 @@ impl ScramSecret {
         Self::with_salt(password.as_bytes(), salt, iterations.max(1))
     }
 
+    /// A stand-in secret for a user pgrelay does not know. Its salt and iteration count look
+    /// like a configured user's (16 bytes, [`DEFAULT_ITERATIONS`]) and are the same at every
+    /// attempt for one name, derived from `user` and `key` (a random secret of the process),
+    /// so the exchange does not tell unknown users from known ones. Its keys are derived the
+    /// same way and match no password; no PBKDF2 runs, so unknown users cost a login nothing.
+    pub fn for_unknown_user(user: &str, key: &[u8; KEY_LEN]) -> Self {
+        let derive = |purpose: &str| {
+            let mut message = Vec::with_capacity(purpose.len() + 1 + user.len());
+            message.extend_from_slice(purpose.as_bytes());
+            message.push(0);
+            message.extend_from_slice(user.as_bytes());
+            hmac_sha256(key, &message)
+        };
+        let salt = derive("salt");
+        Self {
+            iterations: DEFAULT_ITERATIONS,
+            salt: salt.get(..SALT_LEN).unwrap_or(&salt).to_vec(),
+            stored_key: derive("stored key"),
+            server_key: derive("server key"),
+        }
+    }
+
     fn with_salt(password: &[u8], salt: Vec<u8>, iterations: u32) -> Self {
         let keys = SaltedKeys::derive(password, &salt, iterations);
         Self {

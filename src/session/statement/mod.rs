@@ -34,6 +34,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::protocol::backend::{self as be, Report};
+use crate::protocol::codec::Frame;
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate;
 use crate::replication::statement::log::{self, LoggedStatement};
@@ -65,6 +67,8 @@ pub struct LoggedTx {
     pub locked: bool,
     /// A COPY's data is being collected (into the last of `copies`).
     pub copying: bool,
+    /// A COPY went past `max_copy_bytes`: the rest of its messages are dropped.
+    pub copy_refused: bool,
     /// Statements of a unit outside any transaction block whose end (its Sync) is still to
     /// come.
     pub implicit: bool,
@@ -121,6 +125,50 @@ const STARTUP_NOT_REPLAYED: &[&str] = &[
 ];
 
 impl Session {
+    /// Takes one CopyData of a COPY being logged. Past `statement.max_copy_bytes` for the
+    /// transaction the COPY fails instead: the node gets a CopyFail (so the transaction fails
+    /// there), the client that error as SQLSTATE 54000 naming the limit, and the rest of the
+    /// COPY is dropped, as Postgres drops it after an error. Returns whether to forward it.
+    pub(in crate::session) fn hold_copy_data(&mut self, data: &[u8]) -> bool {
+        let limit = self.config.statement.max_copy_bytes;
+        let Some(stx) = self.stx.as_mut() else {
+            return true;
+        };
+        let held: usize = stx.copies.iter().map(Vec::len).sum();
+        if (held.saturating_add(data.len()) as u64) <= limit {
+            if let Some(block) = stx.copies.last_mut() {
+                block.extend_from_slice(data);
+            }
+            return true;
+        }
+        stx.copying = false;
+        stx.copy_refused = true;
+        if let Some(block) = stx.copies.last_mut() {
+            *block = Vec::new();
+        }
+        let message = format!(
+            "COPY data of this transaction exceeds statement.max_copy_bytes ({} bytes)",
+            limit
+        );
+        let hint = "pgrelay's statement mode holds a transaction's COPY data in memory until it \
+                    commits: raise statement.max_copy_bytes, or split the COPY over several transactions.";
+        let mut error = BytesMut::new();
+        Report::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, &message)
+            .with_hint(hint)
+            .write_error(&mut error);
+        let node = self.copy_node.or(self.last_node);
+        if let Some(b) = node.and_then(|n| self.backend_mut(n)) {
+            fe::copy_fail(&mut b.conn.wbuf, &message);
+            if let Some(group) = b.groups.front_mut() {
+                group.error_instead = Some(Frame::new(
+                    be::tag::ERROR_RESPONSE,
+                    error.get(5..).unwrap_or_default(),
+                ));
+            }
+        }
+        false
+    }
+
     pub(in crate::session) fn statement_mode(&self) -> bool {
         self.config.replication.mode == crate::config::ReplicationMode::Statement
     }
