@@ -104,8 +104,7 @@ impl Slot {
                     );
                     assert_eq!(version, "v2", "{data}");
                     assert!(
-                        signature.len() == 64
-                            && signature.bytes().all(|b| b.is_ascii_hexdigit()),
+                        signature.len() == 64 && signature.bytes().all(|b| b.is_ascii_hexdigit()),
                         "{data}"
                     );
                     assert!([SUPERUSER, TRUST_USER].contains(&login), "{data}");
