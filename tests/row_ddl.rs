@@ -7,6 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use common::raw::Raw;
@@ -581,4 +582,62 @@ async fn errors_and_notices_read_as_the_servers_own() {
     );
     assert_eq!(field(&err, 'C'), Some("42P01"));
     assert_eq!(field(&err, 'W'), None, "{err:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_index_left_on_a_follower_is_built_again() {
+    let info = rc();
+    let db = row_db("rowddl_invalid").await;
+    let proxy = row_proxy().await;
+    common::row::wait_bootstrapped(info, &db).await;
+    let client = connect_proxy(proxy, &db).await;
+    client
+        .batch_execute("CREATE TABLE c (a int); INSERT INTO c VALUES (1), (2)")
+        .await
+        .unwrap();
+    let count = "SELECT count(*) FROM c";
+    // What an interrupted CREATE INDEX CONCURRENTLY leaves behind: an INVALID index of that
+    // name (here from a unique build over a duplicate that is then removed).
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 2
+        })
+        .await;
+        let direct = connect_direct(f, &db).await;
+        direct
+            .batch_execute("INSERT INTO c VALUES (1)")
+            .await
+            .unwrap();
+        let err = direct
+            .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY cu ON c (a)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "23505");
+        direct
+            .batch_execute("DELETE FROM c WHERE ctid = (SELECT max(ctid) FROM c WHERE a = 1)")
+            .await
+            .unwrap();
+    }
+    let valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'cu'::regclass";
+    assert!(!common::row::value_on::<bool>(info.followers.first().unwrap(), &db, valid).await);
+    client
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY cu ON c (a)")
+        .await
+        .unwrap();
+    // A row written after it arrives after the index is settled.
+    client
+        .batch_execute("INSERT INTO c VALUES (3)")
+        .await
+        .unwrap();
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 3
+        })
+        .await;
+        assert!(
+            common::row::value_on::<bool>(f, &db, valid).await,
+            "the index on {} is valid",
+            f.name
+        );
+    }
 }

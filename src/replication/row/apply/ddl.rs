@@ -3,8 +3,6 @@
 //! stream, as the role that ran them on the leader and with the schemas its search path
 //! resolved to there.
 
-use tracing::{info, warn};
-
 use crate::protocol::pgoutput::LogicalMessage;
 
 use super::super::super::positions::{format_lsn, Position};
@@ -75,14 +73,8 @@ impl Applier {
         self.finish_group().await?;
         self.wait_all().await?;
         self.conn.query(&setup(false)).await.map_err(&fail)?;
-        match self.conn.query(sql).await {
-            Ok(_) => info!(follower = %self.follower, "applied DDL outside a transaction"),
-            // Run already before a crash that came before its position was recorded.
-            Err(e) if matches!(e.code.as_str(), "42P07" | "42710" | "42P06" | "42704") => {
-                warn!(follower = %self.follower, code = %e.code, error = %e.message, "DDL outside a transaction was applied already");
-            }
-            Err(e) => return Err(fail(e)),
-        }
+        // Possibly run already, before a crash that came before its position was recorded.
+        self.apply_outside_transaction(sql).await?;
         self.conn.query(&reset(false)).await.map_err(&fail)?;
         // One past the message, so that a restart does not run it again.
         let next = at + 1;
