@@ -28,11 +28,17 @@ fn rc() -> &'static ClusterInfo {
 }
 
 async fn row_proxy() -> SocketAddr {
-    static PROXY: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
+    row_proxy_and_metrics().await.0
+}
+
+/// [`row_proxy`] and where its metrics are served.
+async fn row_proxy_and_metrics() -> (SocketAddr, SocketAddr) {
+    static PROXY: tokio::sync::OnceCell<(SocketAddr, SocketAddr)> =
+        tokio::sync::OnceCell::const_new();
     *PROXY
         .get_or_init(|| async {
             let info = rc();
-            start_proxy(proxy_config(
+            start_proxy_with_metrics(proxy_config(
                 &info.leader,
                 &info.followers,
                 "\n[replication]\nmode = \"row\"\n",
@@ -639,5 +645,71 @@ async fn an_invalid_index_left_on_a_follower_is_built_again() {
             "the index on {} is valid",
             f.name
         );
+    }
+}
+
+#[tokio::test]
+async fn an_index_name_taken_by_another_relation_on_a_follower_is_an_apply_error() {
+    let info = rc();
+    let db = row_db("rowddl_taken").await;
+    let (proxy, metrics) = row_proxy_and_metrics().await;
+    common::row::wait_bootstrapped(info, &db).await;
+    let client = connect_proxy(proxy, &db).await;
+    client
+        .batch_execute("CREATE TABLE c (a int); INSERT INTO c VALUES (1)")
+        .await
+        .unwrap();
+    let count = "SELECT count(*) FROM c";
+    let errors = |f: &NodeInfo, text: &str| {
+        metric(
+            text,
+            &format!("pgrelay_apply_errors_total{{follower=\"{}\"}}", f.name),
+        )
+        .unwrap_or(0.0)
+    };
+    let before = scrape(metrics).await;
+    // On the followers only, a table holds the name the index is going to get.
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 1
+        })
+        .await;
+        connect_direct(f, &db)
+            .await
+            .batch_execute("CREATE TABLE ci (x int)")
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute("CREATE INDEX CONCURRENTLY ci ON c (a)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO c VALUES (2)")
+        .await
+        .unwrap();
+    // Not taken as done: each follower reports it and stops there.
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            errors(f, &scrape(metrics).await) > errors(f, &before)
+        })
+        .await;
+        assert_eq!(common::row::value_on::<i64>(f, &db, count).await, 1);
+    }
+    // Once the follower is fixed, the retry builds the index and goes on.
+    for f in &info.followers {
+        connect_direct(f, &db)
+            .await
+            .batch_execute("DROP TABLE ci")
+            .await
+            .unwrap();
+    }
+    let index = "SELECT count(*) FROM pg_index WHERE indexrelid = 'ci'::regclass AND indisvalid";
+    for f in &info.followers {
+        wait_until(Duration::from_secs(60), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 2
+        })
+        .await;
+        assert_eq!(common::row::value_on::<i64>(f, &db, index).await, 1);
     }
 }
