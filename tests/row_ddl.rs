@@ -7,6 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use common::raw::Raw;
@@ -27,11 +28,17 @@ fn rc() -> &'static ClusterInfo {
 }
 
 async fn row_proxy() -> SocketAddr {
-    static PROXY: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
+    row_proxy_and_metrics().await.0
+}
+
+/// [`row_proxy`] and where its metrics are served.
+async fn row_proxy_and_metrics() -> (SocketAddr, SocketAddr) {
+    static PROXY: tokio::sync::OnceCell<(SocketAddr, SocketAddr)> =
+        tokio::sync::OnceCell::const_new();
     *PROXY
         .get_or_init(|| async {
             let info = rc();
-            start_proxy(proxy_config(
+            start_proxy_with_metrics(proxy_config(
                 &info.leader,
                 &info.followers,
                 "\n[replication]\nmode = \"row\"\n",
@@ -593,4 +600,128 @@ async fn errors_and_notices_read_as_the_servers_own() {
     );
     assert_eq!(field(&err, 'C'), Some("42P01"));
     assert_eq!(field(&err, 'W'), None, "{err:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_index_left_on_a_follower_is_built_again() {
+    let info = rc();
+    let db = row_db("rowddl_invalid").await;
+    let proxy = row_proxy().await;
+    common::row::wait_bootstrapped(info, &db).await;
+    let client = connect_proxy(proxy, &db).await;
+    client
+        .batch_execute("CREATE TABLE c (a int); INSERT INTO c VALUES (1), (2)")
+        .await
+        .unwrap();
+    let count = "SELECT count(*) FROM c";
+    // What an interrupted CREATE INDEX CONCURRENTLY leaves behind: an INVALID index of that
+    // name (here from a unique build over a duplicate that is then removed).
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 2
+        })
+        .await;
+        let direct = connect_direct(f, &db).await;
+        direct
+            .batch_execute("INSERT INTO c VALUES (1)")
+            .await
+            .unwrap();
+        let err = direct
+            .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY cu ON c (a)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "23505");
+        direct
+            .batch_execute("DELETE FROM c WHERE ctid = (SELECT max(ctid) FROM c WHERE a = 1)")
+            .await
+            .unwrap();
+    }
+    let valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'cu'::regclass";
+    assert!(!common::row::value_on::<bool>(info.followers.first().unwrap(), &db, valid).await);
+    client
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY cu ON c (a)")
+        .await
+        .unwrap();
+    // A row written after it arrives after the index is settled.
+    client
+        .batch_execute("INSERT INTO c VALUES (3)")
+        .await
+        .unwrap();
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 3
+        })
+        .await;
+        assert!(
+            common::row::value_on::<bool>(f, &db, valid).await,
+            "the index on {} is valid",
+            f.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_index_name_taken_by_another_relation_on_a_follower_is_an_apply_error() {
+    let info = rc();
+    let db = row_db("rowddl_taken").await;
+    let (proxy, metrics) = row_proxy_and_metrics().await;
+    common::row::wait_bootstrapped(info, &db).await;
+    let client = connect_proxy(proxy, &db).await;
+    client
+        .batch_execute("CREATE TABLE c (a int); INSERT INTO c VALUES (1)")
+        .await
+        .unwrap();
+    let count = "SELECT count(*) FROM c";
+    let errors = |f: &NodeInfo, text: &str| {
+        metric(
+            text,
+            &format!("pgrelay_apply_errors_total{{follower=\"{}\"}}", f.name),
+        )
+        .unwrap_or(0.0)
+    };
+    let before = scrape(metrics).await;
+    // On the followers only, a table holds the name the index is going to get.
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 1
+        })
+        .await;
+        connect_direct(f, &db)
+            .await
+            .batch_execute("CREATE TABLE ci (x int)")
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute("CREATE INDEX CONCURRENTLY ci ON c (a)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO c VALUES (2)")
+        .await
+        .unwrap();
+    // Not taken as done: each follower reports it and stops there.
+    for f in &info.followers {
+        wait_until(Duration::from_secs(30), || async {
+            errors(f, &scrape(metrics).await) > errors(f, &before)
+        })
+        .await;
+        assert_eq!(common::row::value_on::<i64>(f, &db, count).await, 1);
+    }
+    // Once the follower is fixed, the retry builds the index and goes on.
+    for f in &info.followers {
+        connect_direct(f, &db)
+            .await
+            .batch_execute("DROP TABLE ci")
+            .await
+            .unwrap();
+    }
+    let index = "SELECT count(*) FROM pg_index WHERE indexrelid = 'ci'::regclass AND indisvalid";
+    for f in &info.followers {
+        wait_until(Duration::from_secs(60), || async {
+            common::row::value_on::<i64>(f, &db, count).await == 2
+        })
+        .await;
+        assert_eq!(common::row::value_on::<i64>(f, &db, index).await, 1);
+    }
 }

@@ -44,6 +44,8 @@ pub enum ClusterError {
     NoPgBinaries { searched: String },
     #[error("cannot run postgres as OS user `{user}`: {reason}")]
     OsUser { user: String, reason: String },
+    #[error(transparent)]
+    ConnInfo(#[from] crate::protocol::conninfo::ConnInfoError),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::os_user::{chown_recursive, write_owned, OsUser};
 use super::tools::{base_command, file_tail, psql, run_server_tool, PsqlTarget};
 use super::{free_port, spawner, ClusterError, NodeInfo};
+use crate::protocol::conninfo;
 
 /// How long a server may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -119,16 +120,16 @@ impl Node {
         leader: &NodeInfo,
     ) -> Result<Node, ClusterError> {
         let data_dir = env.cluster_dir.join(name);
+        // application_name ends up in primary_conninfo, so the leader's pg_stat_replication names us.
+        let conninfo = conninfo::conninfo(&[
+            ("host", &leader.host),
+            ("port", &leader.port.to_string()),
+            ("user", &env.superuser),
+            ("application_name", name),
+        ])?;
         let args = vec![
-            "-h".to_string(),
-            leader.host.clone(),
-            "-p".to_string(),
-            leader.port.to_string(),
-            "-U".to_string(),
-            env.superuser.clone(),
-            // application_name ends up in primary_conninfo, so the leader's pg_stat_replication names us.
             "-d".to_string(),
-            format!("application_name={name}"),
+            conninfo,
             "-D".to_string(),
             data_dir.display().to_string(),
             "-R".to_string(),

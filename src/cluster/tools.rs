@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use super::binaries::client_tool;
 use super::os_user::OsUser;
 use super::{spawner, ClusterError};
+use crate::protocol::conninfo;
 
 /// Libpq and server variables from the caller's environment that could point our tools somewhere else.
 const INHERITED_PG_VARS: &[&str] = &[
@@ -97,20 +98,15 @@ pub(crate) struct PsqlTarget<'a> {
 /// Runs one SQL string through `psql -Atc` and returns its trimmed output.
 pub(crate) fn psql(target: &PsqlTarget<'_>, sql: &str) -> Result<String, ClusterError> {
     let program: PathBuf = client_tool(target.bin_dir, "psql");
-    let port = target.port.to_string();
+    let port = target.port;
+    let conninfo = conninfo::database(target.host, port, target.user, "postgres")?;
     let args = [
         "-X", // ignore ~/.psqlrc
         "-q",
         "-v",
         "ON_ERROR_STOP=1",
-        "-h",
-        target.host,
-        "-p",
-        &port,
-        "-U",
-        target.user,
         "-d",
-        "postgres",
+        &conninfo,
         "-Atc",
         sql,
     ];

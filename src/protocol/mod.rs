@@ -1,10 +1,12 @@
 //! The PostgreSQL frontend/backend protocol, version 3, without I/O: framing, the messages
 //! pgrelay inspects or writes, authentication exchanges and SQLSTATEs; and, for row mode, the
-//! walsender's CopyBoth sub-protocol ([`replication`]) and pgoutput's messages ([`pgoutput`]).
+//! walsender's CopyBoth sub-protocol ([`replication`]) and pgoutput's messages ([`pgoutput`]);
+//! and libpq connection strings for the programs pgrelay runs ([`conninfo`]).
 //! <https://www.postgresql.org/docs/current/protocol.html>
 pub mod auth;
 pub mod backend;
 pub mod codec;
+pub mod conninfo;
 pub mod frontend;
 pub mod pgoutput;
 pub mod replication;

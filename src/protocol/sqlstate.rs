@@ -29,6 +29,7 @@ pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
 pub const WARNING: SqlState = SqlState("01000");
 pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
 pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
+pub const DUPLICATE_TABLE: SqlState = SqlState("42P07");
 pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
 pub const SYNTAX_ERROR: SqlState = SqlState("42601");
 pub const SUCCESSFUL_COMPLETION: SqlState = SqlState("00000");

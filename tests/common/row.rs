@@ -246,6 +246,16 @@ impl ProxyProcess {
     /// Starts `pgrelay run --config` with `config` (listen and metrics on the given ports)
     /// and waits until it accepts connections.
     pub fn start(config: &str, dir: &std::path::Path, name: &str) -> ProxyProcess {
+        ProxyProcess::start_with_env(config, dir, name, &[])
+    }
+
+    /// [`ProxyProcess::start`] with more environment variables for the process.
+    pub fn start_with_env(
+        config: &str,
+        dir: &std::path::Path,
+        name: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> ProxyProcess {
         use std::os::unix::process::CommandExt;
         let port = cluster::free_port().unwrap();
         let mport = cluster::free_port().unwrap();
@@ -266,6 +276,7 @@ impl ProxyProcess {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         // SAFETY: prctl in the child between fork and exec only sets its parent-death signal.

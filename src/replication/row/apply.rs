@@ -27,6 +27,7 @@ use super::relations::{describe_sql, FollowerColumn, Table};
 use super::setup::advance_sql;
 use super::RowError;
 
+mod concurrent;
 mod ddl;
 mod replies;
 

@@ -4,12 +4,10 @@
 //! then stream from the slot's consistent point, where the snapshot ends.
 //! <https://www.postgresql.org/docs/current/sql-set-transaction.html> (SET TRANSACTION SNAPSHOT)
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::process::Command;
 use tracing::info;
 
 use crate::backend::{connect_own_with, BackendConn};
@@ -18,6 +16,7 @@ use crate::metrics::FollowerMetrics;
 use crate::protocol::backend::{self as be, tag};
 use crate::protocol::frontend as fe;
 
+use super::dump::SchemaCopy;
 use super::setup::{ident, literal, APPLIED_TABLE_SQL};
 use super::RowError;
 
@@ -29,19 +28,6 @@ struct CopyJob {
     estimate: u64,
 }
 
-/// Where `pg_dump` and `psql` are.
-fn tool(config: &Config, name: &str) -> PathBuf {
-    let dir = config
-        .replication
-        .pg_bin_dir
-        .clone()
-        .or_else(|| crate::cluster::find_pg_bin().ok());
-    match dir {
-        Some(d) if d.join(name).is_file() => d.join(name),
-        _ => PathBuf::from(name),
-    }
-}
-
 /// What a bootstrap needs to know.
 pub struct Bootstrap<'a> {
     pub config: &'a Arc<Config>,
@@ -50,7 +36,6 @@ pub struct Bootstrap<'a> {
     pub database: &'a str,
     pub source: &'a str,
     pub snapshot: &'a str,
-    pub work_dir: &'a Path,
     pub metrics: Option<Arc<FollowerMetrics>>,
 }
 
@@ -127,99 +112,20 @@ impl Bootstrap<'_> {
         Ok(leader)
     }
 
-    /// `pg_dump --schema-only` of the leader database in the snapshot, restored on the follower
-    /// in one transaction.
+    /// The leader's schema as of the snapshot, restored on the follower in one transaction.
     async fn copy_schema(&self) -> Result<(), RowError> {
-        let leader = self.config.leader();
         let Some(follower) = self.config.nodes.get(self.follower) else {
             return Err(RowError::Follower("no such node".into()));
         };
-        let user = &self.config.replication.user;
-        let password = self
-            .config
-            .user(user)
-            .map(|u| u.password.expose().to_owned())
-            .unwrap_or_default();
-        let file = self
-            .work_dir
-            .join(format!("pgrelay-schema-{}.sql", self.source));
-        let snapshot = format!("--snapshot={}", self.snapshot);
-        let out = self
-            .run_tool(
-                "pg_dump",
-                leader,
-                &[
-                    "--schema-only",
-                    "--no-publications",
-                    "--no-subscriptions",
-                    "--exclude-schema",
-                    "pgrelay",
-                    &snapshot,
-                ],
-                &file,
-                &password,
-            )
-            .await?;
-        if !out.status.success() {
-            return Err(RowError::Leader(format!(
-                "pg_dump of the schema failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        SchemaCopy {
+            config: self.config,
+            follower,
+            follower_name: self.follower_name,
+            database: self.database,
+            snapshot: self.snapshot,
         }
-        let out = self
-            .run_tool(
-                "psql",
-                follower,
-                &["-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"],
-                &file,
-                &password,
-            )
-            .await?;
-        let _ = std::fs::remove_file(&file);
-        if !out.status.success() {
-            return Err(RowError::Follower(format!(
-                "restoring the schema on follower \"{}\" failed: {}",
-                self.follower_name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Runs `pg_dump` or `psql` against `node`'s copy of the database, with `file` as its
-    /// output or input.
-    async fn run_tool(
-        &self,
-        name: &str,
-        node: &crate::config::NodeConfig,
-        args: &[&str],
-        file: &Path,
-        password: &str,
-    ) -> Result<std::process::Output, RowError> {
-        let port = node.port.to_string();
-        Command::new(tool(self.config, name))
-            .args(args)
-            .args([
-                "-h",
-                &node.host,
-                "-p",
-                &port,
-                "-U",
-                &self.config.replication.user,
-            ])
-            .args(["-d", self.database, "-f"])
-            .arg(file)
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .env("PGOPTIONS", "-c client_min_messages=warning")
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| {
-                RowError::Setup(format!(
-                    "cannot run {name}: {e} (set replication.pg_bin_dir)"
-                ))
-            })
+        .run()
+        .await
     }
 
     /// Sequence values and populated materialized views, as of the snapshot.

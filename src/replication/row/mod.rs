@@ -5,6 +5,7 @@
 //! - [`setup`]: leader checks, the publication, slot names, what a follower database holds.
 //! - [`stream`]: the replication connection (slot creation, CopyBoth, status updates).
 //! - [`bootstrap`]: copying an empty follower database from the slot's snapshot.
+//! - `dump`: its schema part, through `pg_dump` and `psql`.
 //! - [`apply`]: applying the stream, exactly once, recording the position on the follower.
 //! - [`relations`]: leader tables against follower tables, and the statements that apply rows.
 //! - `follower`: the task per follower that finds the databases and publishes its state.
@@ -17,6 +18,7 @@
 
 pub mod apply;
 pub mod bootstrap;
+mod dump;
 pub(crate) mod follower;
 pub mod message_key;
 pub mod relations;
@@ -402,7 +404,6 @@ async fn replicate(
             follower_conn.query(APPLIED_TABLE_SQL).await.map_err(|e| {
                 RowError::Follower(format!("creating pgrelay.applied: {}", e.message))
             })?;
-            let work_dir = std::env::temp_dir();
             let boot = bootstrap::Bootstrap {
                 config,
                 follower: node,
@@ -410,7 +411,6 @@ async fn replicate(
                 database,
                 source: &slot,
                 snapshot: &created.snapshot,
-                work_dir: &work_dir,
                 metrics: metrics.clone(),
             };
             boot.run(&mut follower_conn).await?;

@@ -12,9 +12,7 @@ use crate::backend::{connect_own_with, BackendConn, QueryError};
 use crate::config::Config;
 use crate::metrics::FollowerMetrics;
 
-use super::super::row::setup::{
-    inspect_follower_at, literal, slot_name, FollowerDb, APPLIED_TABLE_SQL,
-};
+use super::super::row::setup::{inspect_follower_at, literal, FollowerDb, APPLIED_TABLE_SQL};
 use super::super::row::{bootstrap, LEADER_OPTIONS};
 use super::log::{APPLIED_SOURCE, FUNCTIONS_SQL, REPLAYER_LOCK};
 use super::ReplayError;
@@ -200,13 +198,6 @@ pub async fn bootstrap(
     let follower = config.node_name(node);
     let snap = log_snapshot(config, database).await?;
     info!(follower = %follower, database, seq = snap.seq, "bootstrapping from a snapshot");
-    // Per follower and database: bootstraps run side by side.
-    let work_dir = std::env::temp_dir().join(format!(
-        "pgrelay-statement-{}",
-        slot_name(&follower, database)
-    ));
-    std::fs::create_dir_all(&work_dir)
-        .map_err(|e| ReplayError::Setup(format!("creating {}: {e}", work_dir.display())))?;
     let boot = bootstrap::Bootstrap {
         config,
         follower: node,
@@ -214,11 +205,9 @@ pub async fn bootstrap(
         database,
         source: APPLIED_SOURCE,
         snapshot: &snap.snapshot,
-        work_dir: &work_dir,
         metrics,
     };
     let copied = boot.run(follower_conn).await;
-    let _ = std::fs::remove_dir_all(&work_dir);
     copied?;
     // pg_dump leaves schema pgrelay out: the functions are created again (idempotent).
     follower_conn

@@ -16,7 +16,7 @@
 //! changing the role at all; one that cannot run in a transaction (`CONCURRENTLY`) runs after
 //! `SET ROLE`, and only if pgrelay's own analysis finds exactly one such statement in it.
 
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::protocol::pgoutput::LogicalMessage;
 use crate::routing::classify::statement_spans;
@@ -220,14 +220,8 @@ impl Applier {
         let reset = "SELECT pg_catalog.set_config('role', 'none', false), \
                      pg_catalog.set_config('search_path', '\"$user\", public', false)";
         self.conn.query(&setup).await.map_err(&fail)?;
-        match self.conn.query(sql).await {
-            Ok(_) => info!(follower = %self.follower, "applied DDL outside a transaction"),
-            // Run already before a crash that came before its position was recorded.
-            Err(e) if matches!(e.code.as_str(), "42P07" | "42710" | "42P06" | "42704") => {
-                warn!(follower = %self.follower, code = %e.code, error = %e.message, "DDL outside a transaction was applied already");
-            }
-            Err(e) => return Err(fail(e)),
-        }
+        // Possibly run already, before a crash that came before its position was recorded.
+        self.apply_outside_transaction(sql).await?;
         self.conn.query(reset).await.map_err(&fail)?;
         self.record_past(at).await.map_err(&fail)
     }
