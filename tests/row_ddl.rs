@@ -618,7 +618,7 @@ async fn an_invalid_index_left_on_a_follower_is_built_again() {
     // name (here from a unique build over a duplicate that is then removed).
     for f in &info.followers {
         wait_until(Duration::from_secs(30), || async {
-            common::row::value_on::<i64>(f, &db, count).await == 2
+            rows_or_none(f, &db, count).await == Some(2)
         })
         .await;
         let direct = connect_direct(f, &db).await;
@@ -649,7 +649,7 @@ async fn an_invalid_index_left_on_a_follower_is_built_again() {
         .unwrap();
     for f in &info.followers {
         wait_until(Duration::from_secs(30), || async {
-            common::row::value_on::<i64>(f, &db, count).await == 3
+            rows_or_none(f, &db, count).await == Some(3)
         })
         .await;
         assert!(
@@ -683,7 +683,7 @@ async fn an_index_name_taken_by_another_relation_on_a_follower_is_an_apply_error
     // On the followers only, a table holds the name the index is going to get.
     for f in &info.followers {
         wait_until(Duration::from_secs(30), || async {
-            common::row::value_on::<i64>(f, &db, count).await == 1
+            rows_or_none(f, &db, count).await == Some(1)
         })
         .await;
         connect_direct(f, &db)
@@ -719,9 +719,20 @@ async fn an_index_name_taken_by_another_relation_on_a_follower_is_an_apply_error
     let index = "SELECT count(*) FROM pg_index WHERE indexrelid = 'ci'::regclass AND indisvalid";
     for f in &info.followers {
         wait_until(Duration::from_secs(60), || async {
-            common::row::value_on::<i64>(f, &db, count).await == 2
+            rows_or_none(f, &db, count).await == Some(2)
         })
         .await;
         assert_eq!(common::row::value_on::<i64>(f, &db, index).await, 1);
     }
+}
+
+/// `sql`'s single count on `node`, None while it fails (the table is not there yet: the
+/// follower has not applied its DDL).
+async fn rows_or_none(node: &pgrelay::cluster::NodeInfo, db: &str, sql: &str) -> Option<i64> {
+    connect_direct(node, db)
+        .await
+        .query_one(sql, &[])
+        .await
+        .ok()
+        .map(|r| r.get(0))
 }
