@@ -134,6 +134,28 @@ async fn rights(node: &NodeInfo) -> (bool, bool, i64) {
     (row.get(0), row.get(1), row.get(2))
 }
 
+/// [`ROLE`] is as plain as it was created, on every node.
+async fn assert_no_new_rights(info: &ClusterInfo) {
+    for node in std::iter::once(&info.leader).chain(&info.followers) {
+        assert_eq!(
+            rights(node).await,
+            (false, false, 0),
+            "{ROLE} on {}",
+            node.name
+        );
+    }
+}
+
+/// The owner of what `sql` names on `node` (one row, one name).
+async fn owner_on(node: &NodeInfo, db: &str, sql: &str) -> String {
+    connect_direct(node, db)
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Ways back to the replaying connection's own role, each followed by a DO block that asks
 /// for superuser and swallows the leader's refusal.
 const ESCALATIONS: [&str; 4] = [
@@ -168,15 +190,7 @@ async fn statement_mode_replays_with_the_authors_rights_only() {
     }
     c.batch_execute("INSERT INTO t VALUES (100)").await.unwrap();
     wait_for_row(info, &db, 100).await;
-    for node in std::iter::once(&info.leader).chain(&info.followers) {
-        assert_eq!(
-            rights(node).await,
-            (false, false, 0),
-            "{} of {}",
-            ROLE,
-            node.name
-        );
-    }
+    assert_no_new_rights(info).await;
     // The replay ran: the rows are there.
     for f in &info.followers {
         let n: i64 = connect_direct(f, &db)
@@ -201,15 +215,12 @@ async fn statement_mode_superuser_ddl_still_replicates() {
     .unwrap();
     wait_for_row(info, &db, 7).await;
     for f in &info.followers {
-        let owner: String = connect_direct(f, &db)
-            .await
-            .query_one(
-                "SELECT tableowner::text FROM pg_tables WHERE tablename = 'owned_by_admin'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let owner = owner_on(
+            f,
+            &db,
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'owned_by_admin'",
+        )
+        .await;
         assert_eq!(owner, common::SUPERUSER, "{}", f.name);
     }
 }
@@ -297,15 +308,7 @@ async fn row_mode_refuses_ddl_messages_pgrelay_did_not_write() {
     }
     c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
     wait_for_row(info, &db, 1).await;
-    for node in std::iter::once(&info.leader).chain(&info.followers) {
-        assert_eq!(
-            rights(node).await,
-            (false, false, 0),
-            "{} of {}",
-            ROLE,
-            node.name
-        );
-    }
+    assert_no_new_rights(info).await;
     let text = scrape(metrics).await;
     let refused = |reason: &str| {
         metric(
@@ -325,15 +328,12 @@ async fn row_mode_refuses_ddl_messages_pgrelay_did_not_write() {
     .unwrap();
     wait_for_row(info, &db, 2).await;
     for f in &info.followers {
-        let owner: String = connect_direct(f, &db)
-            .await
-            .query_one(
-                "SELECT tableowner::text FROM pg_tables WHERE tablename = 'mine'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let owner = owner_on(
+            f,
+            &db,
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'mine'",
+        )
+        .await;
         assert_eq!(owner, ROLE, "{}", f.name);
     }
 }
@@ -357,25 +357,14 @@ async fn row_mode_ddl_cannot_return_to_the_appliers_role() {
     .await
     .unwrap();
     wait_for_row(info, &db, 3).await;
-    for node in std::iter::once(&info.leader).chain(&info.followers) {
-        assert_eq!(
-            rights(node).await,
-            (false, false, 0),
-            "{} of {}",
-            ROLE,
-            node.name
-        );
-    }
+    assert_no_new_rights(info).await;
     for f in &info.followers {
-        let owner: String = connect_direct(f, &db)
-            .await
-            .query_one(
-                "SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'esc'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let owner = owner_on(
+            f,
+            &db,
+            "SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'esc'",
+        )
+        .await;
         assert_eq!(owner, ROLE, "{}", f.name);
     }
 }
