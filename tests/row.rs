@@ -915,8 +915,12 @@ async fn a_follower_missing_a_row_stops_until_someone_fixes_it() {
             .is_some()
     })
     .await;
+    // The mark is written before the follower's state is published: wait for the metric.
     let up = format!("pgrelay_follower_up{{follower=\"{}\"}}", broken.name);
-    assert_eq!(metric(&scrape(metrics).await, &up), Some(0.0));
+    common::wait_until(Duration::from_secs(10), || async {
+        metric(&scrape(metrics).await, &up) == Some(0.0)
+    })
+    .await;
     assert_converged(info, std::slice::from_ref(healthy), &db, CONVERGE).await;
     // Fixed by hand: the row as the leader has it, and the mark cleared. It catches up.
     on_broken
