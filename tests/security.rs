@@ -317,9 +317,10 @@ async fn row_mode_refuses_ddl_messages_pgrelay_did_not_write() {
         )
         .unwrap_or(0.0)
     };
-    // One of each per follower.
-    assert_eq!(refused("unsigned"), info.followers.len() as f64, "{text}");
-    assert_eq!(refused("signature"), info.followers.len() as f64, "{text}");
+    // One of each per follower (or more, had an applier restarted before its commit and read
+    // them again).
+    assert!(refused("unsigned") >= info.followers.len() as f64, "{text}");
+    assert!(refused("signature") >= info.followers.len() as f64, "{text}");
     // Replication goes on, DDL through pgrelay included: as the role that ran it.
     c.batch_execute(
         "CREATE TABLE mine (a int); INSERT INTO mine VALUES (1); INSERT INTO t VALUES (2)",
