@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::row::{
-    leader_database, row_cluster, row_config, statement_applied, statement_config,
+    leader_database, row_cluster, row_config, statement_applied, statement_config, value_on,
     wait_bootstrapped,
 };
 use common::{connect_direct, metric, scrape, sqlstate, start_proxy_with_metrics, ClusterInfo};
@@ -146,16 +146,6 @@ async fn assert_no_new_rights(info: &ClusterInfo) {
     }
 }
 
-/// The owner of what `sql` names on `node` (one row, one name).
-async fn owner_on(node: &NodeInfo, db: &str, sql: &str) -> String {
-    connect_direct(node, db)
-        .await
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Ways back to the replaying connection's own role, each followed by a DO block that asks
 /// for superuser and swallows the leader's refusal.
 const ESCALATIONS: [&str; 4] = [
@@ -215,7 +205,7 @@ async fn statement_mode_superuser_ddl_still_replicates() {
     .unwrap();
     wait_for_row(info, &db, 7).await;
     for f in &info.followers {
-        let owner = owner_on(
+        let owner = value_on::<String>(
             f,
             &db,
             "SELECT tableowner::text FROM pg_tables WHERE tablename = 'owned_by_admin'",
@@ -320,7 +310,10 @@ async fn row_mode_refuses_ddl_messages_pgrelay_did_not_write() {
     // One of each per follower (or more, had an applier restarted before its commit and read
     // them again).
     assert!(refused("unsigned") >= info.followers.len() as f64, "{text}");
-    assert!(refused("signature") >= info.followers.len() as f64, "{text}");
+    assert!(
+        refused("signature") >= info.followers.len() as f64,
+        "{text}"
+    );
     // Replication goes on, DDL through pgrelay included: as the role that ran it.
     c.batch_execute(
         "CREATE TABLE mine (a int); INSERT INTO mine VALUES (1); INSERT INTO t VALUES (2)",
@@ -329,7 +322,7 @@ async fn row_mode_refuses_ddl_messages_pgrelay_did_not_write() {
     .unwrap();
     wait_for_row(info, &db, 2).await;
     for f in &info.followers {
-        let owner = owner_on(
+        let owner = value_on::<String>(
             f,
             &db,
             "SELECT tableowner::text FROM pg_tables WHERE tablename = 'mine'",
@@ -360,7 +353,7 @@ async fn row_mode_ddl_cannot_return_to_the_appliers_role() {
     wait_for_row(info, &db, 3).await;
     assert_no_new_rights(info).await;
     for f in &info.followers {
-        let owner = owner_on(
+        let owner = value_on::<String>(
             f,
             &db,
             "SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'esc'",
